@@ -1,0 +1,3 @@
+//! Administrative commands that run instead of a mount.
+pub mod erase;
+pub mod reset;

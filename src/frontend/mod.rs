@@ -1,0 +1,2 @@
+//! Frontends: how the disk is exposed.
+pub mod fuse;

@@ -1,0 +1,4 @@
+//! Layers: decorators around any `BlockStore`, each adding one concern.
+pub mod block_part;
+pub mod codec;
+pub mod zero_cache;
