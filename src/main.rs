@@ -1,4 +1,58 @@
-fn main() {
-    eprintln!("s3backer: not wired yet");
-    std::process::exit(1);
+//! `s3backer`: parse the flags, build the block stack, run the chosen frontend or admin command.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use s3backer::config::{self, Command, Config, Mode};
+use s3backer::daemon::{self, Readiness};
+use s3backer::logging::{self, Verbosity};
+use s3backer::stack::Stack;
+
+fn main() -> ExitCode {
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    let config = match config::parse_args(args) {
+        Ok(Command::Run(config)) => config,
+        Ok(Command::Help(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version(text)) => {
+            eprintln!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("s3backer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    logging::init(if config.debug {
+        Verbosity::Debug
+    } else if config.quiet {
+        Verbosity::Quiet
+    } else {
+        Verbosity::Normal
+    });
+    match run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            tracing::error!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: &Config) -> Result<(), String> {
+    // Ask for the password while we still own the terminal, before going to the background.
+    let password = config.needs_password().then(|| config.encryption_password()).transpose().map_err(|e| e.to_string())?;
+    let mut readiness = if config.mode == Mode::Mount && !config.foreground {
+        daemon::daemonize().map_err(|e| format!("can't go to the background: {e}"))?
+    } else {
+        Readiness::foreground()
+    };
+    let stack = Stack::open(config, password)?;
+    match config.mode {
+        Mode::Erase => stack.erase(config),
+        Mode::ResetMountedFlag => stack.reset_mounted_flag(config),
+        Mode::Mount => stack.mount(config, &mut readiness),
+    }
 }

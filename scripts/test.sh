@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project: formatting, clippy, unit, integration (real S3
+# server), FUSE + ext4 end-to-end and C s3backer compatibility tests. Installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+# Mount tests share the kernel's loop devices and FUSE; nextest runs each test in its own process.
+cargo nextest run --locked --no-fail-fast --test-threads 2 "$@"

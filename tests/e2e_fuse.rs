@@ -1,0 +1,169 @@
+//! End-to-end: the real binary mounted with FUSE over the real S3 test server (and over a
+//! directory store), ext4 on a loop device on top, data verified after a full remount.
+
+mod common;
+
+use std::process::Command;
+
+use common::S3Server;
+use common::mount::{
+    FuseMount, LoopMount, assert_fsck_clean, mkfs_ext4, ours, verify_tree, write_tree,
+};
+
+const BUCKET: &str = "e2e";
+
+fn s3_args(server: &S3Server, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        format!("--baseURL={}", server.base_url()),
+        "--accessId=testkey".to_string(),
+        "--accessKey=testsecret".to_string(),
+        "--timeout=10".to_string(),
+        "--maxRetryPause=5000".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// mkfs + tree on first mount; remount; verify checksums and fsck. Returns the tree size.
+fn ext4_round_trip(first: &[String], second: &[String], bucket: &str) -> usize {
+    let mount = FuseMount::start(&ours(), first, bucket);
+    mkfs_ext4(&mount.file());
+    let tree = {
+        let ext4 = LoopMount::new(&mount.file(), "discard");
+        let tree = write_tree(&ext4.dir, 7, 40);
+        ext4.unmount();
+        tree
+    };
+    let done = mount.unmount();
+    assert!(done.status.success(), "first mount exited badly:\n{}", done.stderr);
+
+    let mount = FuseMount::start(&ours(), second, bucket);
+    {
+        let ext4 = LoopMount::new(&mount.file(), "ro");
+        verify_tree(&ext4.dir, &tree);
+    }
+    assert_fsck_clean(&mount.file());
+    let done = mount.unmount();
+    assert!(done.status.success(), "second mount exited badly:\n{}", done.stderr);
+    tree.len()
+}
+
+#[test]
+fn ext4_on_s3_survives_remount() {
+    let server = S3Server::start(&[BUCKET]);
+    let first = s3_args(&server, &["--size=256m", "--listBlocks"]);
+    // The second mount auto-detects the size from block 0.
+    let second = s3_args(&server, &["--listBlocks"]);
+    let files = ext4_round_trip(&first, &second, BUCKET);
+    let objects = std::fs::read_dir(server.bucket_dir(BUCKET)).unwrap().count();
+    println!("verified {files} files; {objects} objects in the bucket");
+    assert!(objects > 10);
+}
+
+#[test]
+fn ext4_on_s3_with_compression_and_encryption() {
+    let server = S3Server::start(&[BUCKET]);
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "correct horse\n").unwrap();
+    let pw_flag = format!("--passwordFile={}", pw.display());
+    let first = s3_args(&server, &["--size=128m", "--blockSize=16k", "--encrypt", &pw_flag]);
+    let second = s3_args(&server, &["--encrypt", &pw_flag, "--compress=zstd"]);
+    ext4_round_trip(&first, &second, BUCKET);
+}
+
+#[test]
+fn ext4_on_directory_store_survives_remount() {
+    let store = tempfile::tempdir().unwrap();
+    let args = vec!["--test".to_string(), "--size=128m".to_string()];
+    let dir = store.path().to_str().unwrap().to_string();
+    ext4_round_trip(&args, &args, &dir);
+    // Test mode stores raw blocks as files named by block number.
+    let names: Vec<String> = std::fs::read_dir(store.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.is_empty());
+    assert!(names.iter().all(|n| n.len() == 8 && u32::from_str_radix(n, 16).is_ok()), "{names:?}");
+}
+
+#[test]
+fn second_mount_is_refused_until_forced_or_reset() {
+    let server = S3Server::start(&[BUCKET]);
+    let args = s3_args(&server, &["--size=16m"]);
+    let token = server.bucket_dir(BUCKET).join("s3backer-mounted");
+    let assert_refused = || {
+        let refused = FuseMount::try_start(&ours(), &args, BUCKET)
+            .err()
+            .expect("a second mount must be refused");
+        assert_eq!(refused.status.code(), Some(1));
+        assert!(refused.stderr.contains("appears to be already mounted"), "{}", refused.stderr);
+        assert!(refused.stderr.contains("--reset-mounted-flag"), "{}", refused.stderr);
+    };
+
+    let first = FuseMount::start(&ours(), &args, BUCKET);
+    assert!(token.exists());
+    assert_refused();
+    let mut forced_args = args.clone();
+    forced_args.push("--force".to_string());
+    let forced = FuseMount::start(&ours(), &forced_args, BUCKET);
+    assert!(forced.unmount().status.success());
+
+    // A crashed process leaves its token behind; the next mount is refused until reset.
+    first.crash();
+    assert!(token.exists());
+    assert_refused();
+    let out = Command::new(ours())
+        .args(s3_args(&server, &["--reset-mounted-flag"]))
+        .arg(BUCKET)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resetting mount token"), "{stderr}");
+    assert!(!token.exists());
+
+    let again = FuseMount::start(&ours(), &args, BUCKET);
+    assert!(token.exists());
+    assert!(again.unmount().status.success());
+    assert!(!token.exists(), "a clean unmount deletes the token");
+}
+
+#[test]
+fn wrong_credentials_fail_with_a_clear_error() {
+    let server = S3Server::start(&[BUCKET]);
+    let args = vec![
+        format!("--baseURL={}", server.base_url()),
+        "--accessId=testkey".to_string(),
+        "--accessKey=wrongsecret".to_string(),
+        "--maxRetryPause=1000".to_string(),
+        "--size=16m".to_string(),
+    ];
+    let failed = FuseMount::try_start(&ours(), &args, BUCKET).err().expect("mount must fail");
+    assert_eq!(failed.status.code(), Some(1));
+    let err = failed.stderr.to_lowercase();
+    assert!(err.contains("denied") || err.contains("forbidden"), "{}", failed.stderr);
+}
+
+#[test]
+fn fstrim_deletes_objects_of_freed_blocks() {
+    let server = S3Server::start(&[BUCKET]);
+    let args = s3_args(&server, &["--size=64m", "--blockSize=64k"]);
+    let mount = FuseMount::start(&ours(), &args, BUCKET);
+    mkfs_ext4(&mount.file());
+    let count = || std::fs::read_dir(server.bucket_dir(BUCKET)).unwrap().count();
+    {
+        let ext4 = LoopMount::new(&mount.file(), "discard");
+        std::fs::write(ext4.dir.join("big"), common::mount::pseudo_random(1, 8 << 20)).unwrap();
+        common::mount::run(Command::new("sync"));
+        let with_file = count();
+        std::fs::remove_file(ext4.dir.join("big")).unwrap();
+        common::mount::run(Command::new("fstrim").arg(&ext4.dir));
+        common::mount::run(Command::new("sync"));
+        let after = count();
+        println!("objects with an 8 MiB file: {with_file}, after rm + fstrim: {after}");
+        assert!(with_file >= after + 100, "{with_file} -> {after}");
+    }
+    assert_fsck_clean(&mount.file());
+    assert!(mount.unmount().status.success());
+}
