@@ -1,1 +1,874 @@
-//! (to be written)
+//! The FUSE view of the disk (spec 7): a root directory holding the data file and the stats
+//! file. Served by fuser's multi-threaded loop so slow block requests run side by side.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    SessionACL, WriteFlags,
+};
+use parking_lot::Mutex;
+use tracing::{debug, error, info, warn};
+
+use crate::error::{Error, Result};
+use crate::geometry::Geometry;
+use crate::layer::block_part::BlockPart;
+use crate::stats::StatsReport;
+use crate::store::BlockStore;
+
+const ROOT_INO: INodeNo = INodeNo::ROOT;
+const FILE_INO: INodeNo = INodeNo(2);
+const STATS_INO: INodeNo = INodeNo(3);
+
+/// The kernel caps one request at 1 MiB (`max_pages_limit` 256 pages).
+const MAX_WRITE: u32 = 1 << 20;
+/// Kernel background requests (read-ahead, async direct I/O) in flight at once.
+const MAX_BACKGROUND: u16 = 64;
+
+/// How the disk is mounted; built from the command line and `-o` options.
+#[derive(Clone, Debug)]
+pub struct FuseOptions {
+    pub mount_point: PathBuf,
+    /// Name of the data file (`--filename`).
+    pub filename: String,
+    /// Name of the stats file (`--statsFilename`); `None` hides it.
+    pub stats_filename: Option<String>,
+    /// Permission bits of the data file (`--fileMode`).
+    pub file_mode: u32,
+    pub read_only: bool,
+    /// Open the data file with direct_io (`--directIO`).
+    pub direct_io: bool,
+    /// Source shown in the mount table (`<desc>` of the bucket).
+    pub fsname: String,
+    /// Further FUSE `-o` options (`allow_other`, `uid=`, `ro`, ...).
+    pub mount_options: Vec<String>,
+    /// FUSE request threads (`-s` means 1).
+    pub threads: usize,
+    /// Log every FUSE operation (`-d`).
+    pub debug: bool,
+}
+
+/// Mounts the disk, calls `on_ready` once the mount is live, serves until the file system is
+/// unmounted or SIGINT/SIGTERM arrives (then unmounts it), and finally flushes the store:
+/// `Ok` means every write reached the store's backend.
+pub fn serve(
+    store: Arc<dyn BlockStore>,
+    opts: &FuseOptions,
+    on_ready: impl FnOnce(),
+) -> Result<()> {
+    check_mount_point(&opts.mount_point)?;
+    let mount = parse_mount_options(opts)?;
+    let config = {
+        let mut config = Config::default();
+        config.mount_options = mount.options;
+        config.acl = mount.acl;
+        config.n_threads = Some(opts.threads.max(1));
+        config.clone_fd = true;
+        config
+    };
+    let fs = DiskFs::new(store.clone(), opts, mount.owner, mount.ttl);
+    let mut session = fuser::Session::new(fs, &opts.mount_point, &config)
+        .map_err(|err| Error::io(format!("cannot mount {}", opts.mount_point.display()), err))?;
+    let signals = spawn_signal_watcher(session.unmount_callable(), &opts.mount_point)?;
+    info!("mounted {}", opts.mount_point.display());
+    on_ready();
+
+    let run_result = session.run();
+    signals.stop();
+    info!("unmount {}: flushing", opts.mount_point.display());
+    let flush_result = store.flush();
+    if let Err(err) = &flush_result {
+        error!(
+            "unmount {}: flush failed, data may be lost: {err}",
+            opts.mount_point.display()
+        );
+    }
+    if let Err(err) = run_result {
+        let err = Error::io("FUSE session failed", err);
+        error!("{err}");
+        flush_result?;
+        return Err(err);
+    }
+    flush_result?;
+    info!("unmount {}: completed", opts.mount_point.display());
+    Ok(())
+}
+
+/// Rejects mount points that are missing, not directories, or already a FUSE mount.
+fn check_mount_point(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|err| {
+        let hint = if err.raw_os_error() == Some(libc::ENOTCONN) {
+            " (a dead FUSE mount? try \"fusermount3 -u\")"
+        } else {
+            ""
+        };
+        Error::io(format!("mount point {}{hint}", path.display()), err)
+    })?;
+    if !meta.is_dir() {
+        return Err(Error::Invalid(format!(
+            "mount point {} is not a directory",
+            path.display()
+        )));
+    }
+    let canonical = path
+        .canonicalize()
+        .map_err(|err| Error::io(format!("mount point {}", path.display()), err))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if let Some(fstype) = fuse_mount_at(&mountinfo, &canonical) {
+        return Err(Error::Busy(format!(
+            "mount point {} is already mounted ({fstype})",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The file system type when a FUSE file system is mounted exactly at `path`.
+fn fuse_mount_at(mountinfo: &str, path: &Path) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let mount_point = unescape_mountinfo(fields.get(4)?);
+        let sep = fields.iter().position(|&f| f == "-")?;
+        let fstype = *fields.get(sep + 1)?;
+        (Path::new(OsStr::from_bytes(&mount_point)) == path && fstype.starts_with("fuse"))
+            .then(|| fstype.to_string())
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo` octal escapes.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Owner reported for all three files (real ids, or `-o uid=,gid=`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct Owner {
+    uid: u32,
+    gid: u32,
+}
+
+/// Cache lifetimes given to the kernel (spec 7 defaults: names for a year, attributes not at
+/// all, so size and times of the stats file are always fresh).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct Ttl {
+    entry: Duration,
+    attr: Duration,
+}
+
+struct MountSetup {
+    options: Vec<MountOption>,
+    acl: SessionACL,
+    owner: Owner,
+    ttl: Ttl,
+}
+
+/// Turns our options into fuser's: kernel options and flags go to the mount, the libfuse
+/// options C s3backer users pass (uid=, timeouts, kernel_cache...) are applied here or
+/// accepted as no-ops, since fuser speaks to the kernel directly.
+fn parse_mount_options(opts: &FuseOptions) -> Result<MountSetup> {
+    // SAFETY: getuid/getgid cannot fail.
+    let mut owner = unsafe {
+        Owner {
+            uid: libc::getuid(),
+            gid: libc::getgid(),
+        }
+    };
+    let mut ttl = Ttl {
+        entry: Duration::from_secs(31_536_000),
+        attr: Duration::ZERO,
+    };
+    let mut acl = SessionACL::All;
+    let mut fsname = opts.fsname.clone();
+    let mut subtype = "s3backer".to_string();
+    let mut options = vec![
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    let number = |option: &str, value: &str| -> Result<u32> {
+        value
+            .parse()
+            .map_err(|_| Error::Invalid(format!("FUSE option \"{option}\": bad number")))
+    };
+    let seconds = |option: &str, value: &str| -> Result<Duration> {
+        value
+            .parse::<f64>()
+            .ok()
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .ok_or_else(|| Error::Invalid(format!("FUSE option \"{option}\": bad seconds")))
+    };
+    for option in opts.mount_options.iter().flat_map(|o| o.split(',')) {
+        let (key, value) = option.split_once('=').unwrap_or((option, ""));
+        let flag = match key {
+            "" => continue,
+            "allow_other" => {
+                acl = SessionACL::All;
+                continue;
+            }
+            "allow_root" => {
+                acl = SessionACL::RootAndOwner;
+                continue;
+            }
+            "fsname" => {
+                fsname = value.to_string();
+                continue;
+            }
+            "subtype" => {
+                subtype = value.to_string();
+                continue;
+            }
+            "uid" => {
+                owner.uid = number(option, value)?;
+                continue;
+            }
+            "gid" => {
+                owner.gid = number(option, value)?;
+                continue;
+            }
+            "entry_timeout" => {
+                ttl.entry = seconds(option, value)?;
+                continue;
+            }
+            "attr_timeout" => {
+                ttl.attr = seconds(option, value)?;
+                continue;
+            }
+            "ro" => MountOption::RO,
+            "rw" => MountOption::RW,
+            "dev" => MountOption::Dev,
+            "nodev" => MountOption::NoDev,
+            "suid" => MountOption::Suid,
+            "nosuid" => MountOption::NoSuid,
+            "exec" => MountOption::Exec,
+            "noexec" => MountOption::NoExec,
+            "atime" => MountOption::Atime,
+            "noatime" => MountOption::NoAtime,
+            "sync" => MountOption::Sync,
+            "async" => MountOption::Async,
+            "dirsync" => MountOption::DirSync,
+            "default_permissions" => MountOption::DefaultPermissions,
+            "auto_unmount" => MountOption::AutoUnmount,
+            "max_read" | "blksize" => {
+                number(option, value)?;
+                MountOption::CUSTOM(option.to_string())
+            }
+            // libfuse tuning options without meaning here, and fstab-only words that
+            // mount.fuse normally strips.
+            "kernel_cache"
+            | "auto_cache"
+            | "noauto_cache"
+            | "big_writes"
+            | "large_read"
+            | "hard_remove"
+            | "use_ino"
+            | "readdir_ino"
+            | "negative_timeout"
+            | "ac_attr_timeout"
+            | "intr"
+            | "intr_signal"
+            | "modules"
+            | "max_readahead"
+            | "max_write"
+            | "max_background"
+            | "congestion_threshold"
+            | "async_read"
+            | "sync_read"
+            | "noforget"
+            | "remember"
+            | "nopath"
+            | "splice_read"
+            | "splice_write"
+            | "splice_move"
+            | "no_remote_lock"
+            | "nonempty"
+            | "direct_io"
+            | "noauto"
+            | "auto"
+            | "nofail"
+            | "_netdev"
+            | "user"
+            | "users"
+            | "nouser"
+            | "owner"
+            | "group"
+            | "defaults"
+            | "comment" => {
+                debug!("FUSE option \"{option}\" ignored");
+                continue;
+            }
+            _ if key.starts_with("x-") => continue,
+            _ => {
+                return Err(Error::Invalid(format!("unknown FUSE option \"{option}\"")));
+            }
+        };
+        options.retain(|o| !conflicts(o, &flag));
+        options.push(flag);
+    }
+    options.push(MountOption::FSName(fsname));
+    options.push(MountOption::Subtype(subtype));
+    Ok(MountSetup {
+        options,
+        acl,
+        owner,
+        ttl,
+    })
+}
+
+/// A later option overrides an earlier opposite one (`-o nodev` default, user `dev`).
+fn conflicts(old: &MountOption, new: &MountOption) -> bool {
+    use MountOption::*;
+    let pairs = [
+        (Dev, NoDev),
+        (Suid, NoSuid),
+        (RO, RW),
+        (Exec, NoExec),
+        (Atime, NoAtime),
+        (Sync, Async),
+    ];
+    old == new
+        || pairs
+            .iter()
+            .any(|(a, b)| (old == a && new == b) || (old == b && new == a))
+}
+
+/// Unmounts on SIGINT/SIGTERM, which makes the session loop end.
+struct SignalWatcher {
+    handle: signal_hook::iterator::Handle,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SignalWatcher {
+    fn stop(self) {
+        self.handle.close();
+        let _ = self.thread.join();
+    }
+}
+
+fn spawn_signal_watcher(
+    mut unmounter: fuser::SessionUnmounter,
+    mount_point: &Path,
+) -> Result<SignalWatcher> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|err| Error::io("cannot watch signals", err))?;
+    let handle = signals.handle();
+    let mount_point = mount_point.to_path_buf();
+    let thread = std::thread::Builder::new()
+        .name("fuse-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                info!("signal {signal}: unmounting {}", mount_point.display());
+                if let Err(err) = unmounter.unmount() {
+                    // Busy (e.g. a loop device still open): detach now, the session ends
+                    // when the last user lets go, as libfuse does.
+                    warn!("unmount {}: {err}; detaching lazily", mount_point.display());
+                    lazy_unmount(&mount_point);
+                }
+            }
+        })
+        .map_err(|err| Error::io("cannot start signal thread", err))?;
+    Ok(SignalWatcher { handle, thread })
+}
+
+fn lazy_unmount(mount_point: &Path) {
+    let Ok(path) = CString::new(mount_point.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: `path` is a valid NUL-terminated string.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return;
+    }
+    // Not root: the setuid helper may unmount for us.
+    match std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(mount_point)
+        .status()
+    {
+        Ok(status) if status.success() => {}
+        other => error!("cannot unmount {}: {other:?}", mount_point.display()),
+    }
+}
+
+/// The three-inode file system.
+struct DiskFs {
+    store: Arc<dyn BlockStore>,
+    part: BlockPart,
+    geometry: Geometry,
+    filename: String,
+    stats_filename: Option<String>,
+    file_mode: u16,
+    read_only: bool,
+    direct_io: bool,
+    debug: bool,
+    owner: Owner,
+    ttl: Ttl,
+    start: SystemTime,
+    last_read: Mutex<SystemTime>,
+    last_write: Mutex<SystemTime>,
+    /// Stats text rendered at open, per open handle of the stats file.
+    stats_snapshots: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+    next_fh: AtomicU64,
+}
+
+impl DiskFs {
+    fn new(store: Arc<dyn BlockStore>, opts: &FuseOptions, owner: Owner, ttl: Ttl) -> Self {
+        let start = SystemTime::now();
+        DiskFs {
+            part: BlockPart::new(store.clone()),
+            geometry: store.geometry(),
+            store,
+            filename: opts.filename.clone(),
+            stats_filename: opts.stats_filename.clone(),
+            file_mode: (opts.file_mode & 0o7777) as u16,
+            read_only: opts.read_only,
+            direct_io: opts.direct_io,
+            debug: opts.debug,
+            owner,
+            ttl,
+            start,
+            last_read: Mutex::new(start),
+            last_write: Mutex::new(start),
+            stats_snapshots: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn render_stats(&self) -> Vec<u8> {
+        let mut report = StatsReport::default();
+        self.store.stats(&mut report);
+        // C always ends with this counter; Rust aborts on allocation failure instead.
+        report.add("out_of_memory_errors", 0);
+        report.render().into_bytes()
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        let base = FileAttr {
+            ino,
+            size: 0,
+            blocks: 0,
+            atime: self.start,
+            mtime: self.start,
+            ctime: self.start,
+            crtime: self.start,
+            kind: FileType::RegularFile,
+            perm: 0,
+            nlink: 1,
+            uid: self.owner.uid,
+            gid: self.owner.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        };
+        Some(match ino {
+            ROOT_INO => FileAttr {
+                kind: FileType::Directory,
+                perm: 0o755,
+                nlink: 2,
+                ..base
+            },
+            FILE_INO => FileAttr {
+                size: self.geometry.file_size(),
+                // Spec 7: C reports the number of disk blocks here.
+                blocks: u64::from(self.geometry.num_blocks()),
+                atime: *self.last_read.lock(),
+                mtime: *self.last_write.lock(),
+                perm: self.file_mode,
+                blksize: self.geometry.block_size(),
+                ..base
+            },
+            STATS_INO if self.stats_filename.is_some() => FileAttr {
+                size: self.render_stats().len() as u64,
+                perm: 0o444,
+                ..base
+            },
+            _ => return None,
+        })
+    }
+
+    fn ino_of(&self, name: &OsStr) -> Option<INodeNo> {
+        if name.as_bytes() == self.filename.as_bytes() {
+            Some(FILE_INO)
+        } else if self.stats_filename.as_deref().map(str::as_bytes) == Some(name.as_bytes()) {
+            Some(STATS_INO)
+        } else {
+            None
+        }
+    }
+
+    /// Logs a failed operation and turns it into the errno the kernel gets.
+    fn fail(&self, op: &str, err: &Error) -> Errno {
+        error!("{op}: {err}");
+        Errno::from_i32(err.errno())
+    }
+
+    fn flush_store(&self, op: &str) -> std::result::Result<(), Errno> {
+        self.store.flush().map_err(|err| self.fail(op, &err))
+    }
+}
+
+impl Filesystem for DiskFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(max) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(max);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        // Let the kernel split large direct I/O into parallel requests.
+        let wanted = InitFlags::FUSE_ASYNC_DIO | InitFlags::FUSE_PARALLEL_DIROPS;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match (parent, self.ino_of(name).and_then(|ino| self.attr(ino))) {
+            (ROOT_INO, Some(attr)) => {
+                reply.entry_with_ttls(&self.ttl.attr, &self.ttl.entry, &attr, Generation(0))
+            }
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(attr) => reply.attr(&self.ttl.attr, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(attr) = self.attr(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if mode.is_some() || uid.is_some() || gid.is_some() {
+            return reply.error(Errno::EPERM);
+        }
+        if size.is_some() && self.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        // The disk size is fixed: truncate succeeds without effect, like C.
+        reply.attr(&self.ttl.attr, &attr);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match (parent, self.ino_of(name)) {
+            (ROOT_INO, Some(STATS_INO)) => {
+                info!("stats file unlinked: statistics reset");
+                self.store.reset_stats();
+                reply.ok();
+            }
+            (ROOT_INO, Some(_)) => reply.error(Errno::EOPNOTSUPP),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        match ino {
+            FILE_INO if writing && self.read_only => reply.error(Errno::EROFS),
+            FILE_INO if self.direct_io => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            ),
+            // Only we change the disk, so cached pages stay valid across opens.
+            FILE_INO => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            STATS_INO if self.stats_filename.is_some() => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                let text = Arc::new(self.render_stats());
+                self.stats_snapshots.lock().insert(fh, text);
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            }
+            ROOT_INO => reply.error(Errno::EISDIR),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if self.debug {
+            debug!("read ino {} offset {offset} size {size}", ino.0);
+        }
+        match ino {
+            FILE_INO => {
+                if offset > self.geometry.file_size() {
+                    return reply.error(Errno::ESPIPE);
+                }
+                let mut buf = vec![0u8; size as usize];
+                match self.part.read(offset, &mut buf) {
+                    Ok(len) => {
+                        *self.last_read.lock() = SystemTime::now();
+                        reply.data(&buf[..len]);
+                    }
+                    Err(err) => {
+                        reply.error(self.fail(&format!("read {size} bytes at {offset}"), &err))
+                    }
+                }
+            }
+            STATS_INO => {
+                let text = self.stats_snapshots.lock().get(&fh.0).cloned();
+                let text = text.unwrap_or_else(|| Arc::new(self.render_stats()));
+                let start = (offset as usize).min(text.len());
+                let end = start.saturating_add(size as usize).min(text.len());
+                reply.data(&text[start..end]);
+            }
+            ROOT_INO => reply.error(Errno::EISDIR),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if self.debug {
+            debug!("write ino {} offset {offset} size {}", ino.0, data.len());
+        }
+        match ino {
+            FILE_INO if self.read_only => reply.error(Errno::EROFS),
+            FILE_INO => {
+                let size = self.geometry.file_size();
+                if offset > size {
+                    return reply.error(Errno::ESPIPE);
+                }
+                // Writing at the very end: report a full disk, not a zero-length write that
+                // callers would retry forever.
+                if offset == size && !data.is_empty() {
+                    return reply.error(Errno::ENOSPC);
+                }
+                match self.part.write(offset, data) {
+                    Ok(len) => {
+                        *self.last_write.lock() = SystemTime::now();
+                        reply.written(len as u32);
+                    }
+                    Err(err) => reply
+                        .error(self.fail(&format!("write {} bytes at {offset}", data.len()), &err)),
+                }
+            }
+            STATS_INO => reply.error(Errno::EINVAL),
+            ROOT_INO => reply.error(Errno::EISDIR),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Every close of the data file waits for all dirty blocks (spec 6.2).
+        match ino {
+            FILE_INO => match self.flush_store("flush") {
+                Ok(()) => reply.ok(),
+                Err(errno) => reply.error(errno),
+            },
+            _ => reply.ok(),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if ino == STATS_INO {
+            self.stats_snapshots.lock().remove(&fh.0);
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // A real barrier, unlike C (DESIGN.md "Data safety rules").
+        match self.flush_store("fsync") {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.flush_store("fsyncdir") {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != ROOT_INO {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let mut entries = vec![
+            (ROOT_INO, FileType::Directory, "."),
+            (ROOT_INO, FileType::Directory, ".."),
+            (FILE_INO, FileType::RegularFile, self.filename.as_str()),
+        ];
+        if let Some(stats) = &self.stats_filename {
+            entries.push((STATS_INO, FileType::RegularFile, stats.as_str()));
+        }
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(ino, i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let bs = self.geometry.block_size();
+        let blocks = u64::from(self.geometry.num_blocks());
+        reply.statfs(blocks, 0, 0, 3, 0, bs, 255, bs);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match fallocate_action(&self.geometry, ino, offset, length, mode, self.read_only) {
+            Err(errno) => reply.error(errno),
+            Ok(false) => reply.ok(),
+            Ok(true) => match self.part.zero_range(offset, length) {
+                Ok(()) => {
+                    *self.last_write.lock() = SystemTime::now();
+                    reply.ok()
+                }
+                Err(err) => {
+                    reply.error(self.fail(&format!("punch hole {length} bytes at {offset}"), &err))
+                }
+            },
+        }
+    }
+}
+
+/// What `fallocate` must do (spec 7): `Ok(true)` = zero the range, `Ok(false)` = nothing.
+fn fallocate_action(
+    geometry: &Geometry,
+    ino: INodeNo,
+    offset: u64,
+    length: u64,
+    mode: i32,
+    read_only: bool,
+) -> std::result::Result<bool, Errno> {
+    const ZEROING: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+    const KNOWN: i32 = ZEROING | libc::FALLOC_FL_KEEP_SIZE;
+    match ino {
+        FILE_INO => {}
+        STATS_INO => return Err(Errno::EOPNOTSUPP),
+        _ => return Err(Errno::ENODEV),
+    }
+    if length == 0 || i64::try_from(offset).is_err() {
+        return Err(Errno::EINVAL);
+    }
+    if offset
+        .checked_add(length)
+        .is_none_or(|end| end > geometry.file_size())
+    {
+        return Err(Errno::ENOSPC);
+    }
+    // Collapse/insert would change the size, which is fixed.
+    if mode & !KNOWN != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    if mode & ZEROING == 0 {
+        // Plain allocation: every block already "exists".
+        return Ok(false);
+    }
+    if read_only {
+        return Err(Errno::EROFS);
+    }
+    // ZERO_RANGE too (C ignores it): reporting success without zeroing would corrupt data.
+    Ok(true)
+}
