@@ -333,7 +333,8 @@ fn parse_mount_options(opts: &FuseOptions) -> Result<MountSetup> {
         options.push(flag);
     }
     options.push(MountOption::FSName(fsname));
-    options.push(MountOption::Subtype(subtype));
+    // fuser's direct mount(2) drops `Subtype`; the kernel takes it as a plain option.
+    options.push(MountOption::CUSTOM(format!("subtype={subtype}")));
     Ok(MountSetup {
         options,
         acl,
@@ -871,4 +872,573 @@ fn fallocate_action(
     }
     // ZERO_RANGE too (C ignores it): reporting success without zeroing would corrupt data.
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::{File, OpenOptions};
+    use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+    use std::os::unix::io::AsRawFd;
+    use std::sync::mpsc;
+    use std::thread::JoinHandle;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::backend::memory::MemoryBackend;
+    use crate::geometry::BlockId;
+    use crate::layer::block_part::testing::ProbeStore;
+
+    const BS: usize = 4096;
+    const BLOCKS: u64 = 64;
+    const SIZE: u64 = BLOCKS * BS as u64;
+
+    /// A live mount of a memory disk; unmounted (and its serve thread joined) on drop.
+    struct Mounted {
+        mem: Arc<MemoryBackend>,
+        probe: Arc<ProbeStore>,
+        thread: Option<JoinHandle<Result<()>>>,
+        dir: tempfile::TempDir,
+    }
+
+    fn options(mount_point: &Path) -> FuseOptions {
+        FuseOptions {
+            mount_point: mount_point.to_path_buf(),
+            filename: "file".into(),
+            stats_filename: Some("stats".into()),
+            file_mode: 0o600,
+            read_only: false,
+            direct_io: false,
+            fsname: "memory://test".into(),
+            mount_options: vec![],
+            threads: 16,
+            debug: false,
+        }
+    }
+
+    fn mount_with(latency: Duration, tweak: impl FnOnce(&mut FuseOptions)) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        let geometry = Geometry::new(SIZE, BS as u32).unwrap();
+        let mem = Arc::new(MemoryBackend::with_latency(geometry, latency));
+        let probe = Arc::new(ProbeStore::new(mem.clone()));
+        let mut opts = options(dir.path());
+        tweak(&mut opts);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let store: Arc<dyn BlockStore> = probe.clone();
+        let thread =
+            std::thread::spawn(move || serve(store, &opts, move || ready_tx.send(()).unwrap()));
+        let mut mounted = Mounted {
+            mem,
+            probe,
+            thread: Some(thread),
+            dir,
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            let result = mounted.thread.take().unwrap().join().unwrap();
+            panic!("mount did not become ready: {result:?}");
+        }
+        mounted
+    }
+
+    fn mount() -> Mounted {
+        mount_with(Duration::ZERO, |_| {})
+    }
+
+    impl Mounted {
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        fn open_rw(&self) -> File {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.path("file"))
+                .unwrap()
+        }
+
+        /// Unmounts and returns what `serve` returned.
+        fn unmount(mut self) -> Result<()> {
+            self.unmount_and_join().expect("serve thread")
+        }
+
+        fn unmount_and_join(&mut self) -> Option<Result<()>> {
+            let thread = self.thread.take()?;
+            let path = CString::new(self.dir.path().as_os_str().as_bytes()).unwrap();
+            // The kernel may still hold the file briefly after the last close: retry, then
+            // detach lazily (bounded).
+            for attempt in 0..50 {
+                // SAFETY: `path` is a valid C string.
+                if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 || thread.is_finished() {
+                    break;
+                }
+                if attempt == 49 {
+                    // SAFETY: as above.
+                    unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !thread.is_finished() {
+                eprintln!("serve thread for {:?} did not finish", self.dir.path());
+                return None;
+            }
+            Some(thread.join().unwrap())
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            self.unmount_and_join();
+        }
+    }
+
+    fn errno_of<T: std::fmt::Debug>(result: std::io::Result<T>) -> i32 {
+        result.unwrap_err().raw_os_error().unwrap()
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) | 1)
+            .collect()
+    }
+
+    fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        // SAFETY: plain syscall on an open descriptor.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    fn read_stats(m: &Mounted) -> String {
+        std::fs::read_to_string(m.path("stats")).unwrap()
+    }
+
+    fn stat_value(stats: &str, name: &str) -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} missing in {stats}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn files_have_spec_attributes() {
+        let m = mount();
+        let file = std::fs::metadata(m.path("file")).unwrap();
+        assert!(file.is_file());
+        assert_eq!(file.len(), SIZE);
+        assert_eq!(file.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(file.blksize(), BS as u64);
+        assert_eq!(file.ino(), 2);
+        // SAFETY: getuid cannot fail.
+        assert_eq!(file.uid(), unsafe { libc::getuid() });
+
+        let stats = std::fs::metadata(m.path("stats")).unwrap();
+        assert_eq!(stats.permissions().mode() & 0o7777, 0o444);
+        assert_eq!(stats.ino(), 3);
+        assert_eq!(stats.len(), read_stats(&m).len() as u64);
+
+        let root = std::fs::metadata(m.dir.path()).unwrap();
+        assert_eq!(root.permissions().mode() & 0o7777, 0o755);
+        let mut names: Vec<_> = std::fs::read_dir(m.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["file", "stats"]);
+        assert_eq!(errno_of(std::fs::metadata(m.path("nope"))), libc::ENOENT);
+
+        let path = CString::new(m.dir.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: statvfs fills the zeroed struct.
+        let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut vfs) }, 0);
+        assert_eq!(vfs.f_bsize, BS as u64);
+        assert_eq!(vfs.f_blocks, BLOCKS);
+        assert_eq!(vfs.f_bfree, 0);
+        assert_eq!(vfs.f_files, 3);
+
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let canonical = m.dir.path().canonicalize().unwrap();
+        assert_eq!(
+            fuse_mount_at(&mounts, &canonical).as_deref(),
+            Some("fuse.s3backer")
+        );
+        let line = mounts
+            .lines()
+            .find(|l| l.contains(canonical.to_str().unwrap()))
+            .unwrap();
+        assert!(line.contains(" - fuse.s3backer memory://test "), "{line}");
+        assert!(
+            line.contains("allow_other") && line.contains("default_permissions"),
+            "{line}"
+        );
+        m.unmount().unwrap();
+    }
+
+    #[test]
+    fn unaligned_io_crosses_block_edges_and_stops_at_end() {
+        let m = mount();
+        let file = m.open_rw();
+        let data = pattern(BS + 20, 5);
+        let offset = BS as u64 - 10;
+        file.write_all_at(&data, offset).unwrap();
+        file.sync_all().unwrap();
+        // Reached the store: block 0 ends with the first 10 bytes, block 2 holds the last 10.
+        assert_eq!(&m.mem.stored(BlockId(0)).unwrap()[BS - 10..], &data[..10]);
+        assert_eq!(&m.mem.stored(BlockId(2)).unwrap()[..10], &data[BS + 10..]);
+        assert_eq!(
+            m.mem.stored(BlockId(2)).unwrap()[10..],
+            vec![0u8; BS - 10][..]
+        );
+
+        let mut back = vec![0u8; data.len() + 30];
+        file.read_exact_at(&mut back, offset - 15).unwrap();
+        assert_eq!(&back[15..15 + data.len()], &data[..]);
+        assert!(back[..15].iter().all(|&b| b == 0));
+
+        // Crossing the end is truncated; at the end a write reports a full disk.
+        assert_eq!(file.write_at(&[9u8; 100], SIZE - 40).unwrap(), 40);
+        assert_eq!(errno_of(file.write_at(&[9u8; 10], SIZE)), libc::ENOSPC);
+        let mut tail = [0u8; 100];
+        assert_eq!(file.read_at(&mut tail, SIZE - 40).unwrap(), 40);
+        assert_eq!(&tail[..40], &[9u8; 40]);
+        assert_eq!(file.read_at(&mut tail, SIZE).unwrap(), 0);
+        drop(file);
+        m.unmount().unwrap();
+    }
+
+    #[test]
+    fn direct_io_reads_past_end_fail_with_espipe() {
+        let m = mount_with(Duration::ZERO, |o| o.direct_io = true);
+        let file = m.open_rw();
+        let mut buf = [0u8; 16];
+        assert_eq!(errno_of(file.read_at(&mut buf, SIZE + 4096)), libc::ESPIPE);
+        assert_eq!(errno_of(file.write_at(&buf, SIZE + 4096)), libc::ESPIPE);
+        assert_eq!(file.read_at(&mut buf, SIZE - 8).unwrap(), 8);
+        drop(file);
+        m.unmount().unwrap();
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes() {
+        let m = mount_with(Duration::ZERO, |o| {
+            o.read_only = true;
+            o.file_mode = 0o400;
+        });
+        let err = OpenOptions::new().write(true).open(m.path("file"));
+        assert_eq!(errno_of(err), libc::EROFS);
+        let file = File::open(m.path("file")).unwrap();
+        let mut buf = [1u8; 64];
+        file.read_exact_at(&mut buf, 100).unwrap();
+        assert_eq!(buf, [0u8; 64]);
+        assert_eq!(
+            errno_of(fallocate(
+                &file,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                4096
+            )),
+            libc::EBADF, // the kernel checks the descriptor is writable first
+        );
+        drop(file);
+        m.unmount().unwrap();
+    }
+
+    #[test]
+    fn stats_file_reports_counters_and_unlink_resets_them() {
+        let m = mount_with(Duration::ZERO, |o| o.direct_io = true);
+        let file = m.open_rw();
+        file.write_all_at(&pattern(3 * BS, 1), 0).unwrap();
+        let mut buf = vec![0u8; 3 * BS];
+        file.read_exact_at(&mut buf, 0).unwrap();
+
+        let stats = read_stats(&m);
+        assert_eq!(stat_value(&stats, "memory_writes"), 3);
+        assert!(stat_value(&stats, "memory_reads") >= 3);
+        assert!(
+            stats
+                .lines()
+                .last()
+                .unwrap()
+                .starts_with("out_of_memory_errors ")
+        );
+        assert!(
+            stats.lines().all(|l| l.len() > 29 && &l[28..29] == " "),
+            "{stats}"
+        );
+
+        let stats_rw = OpenOptions::new()
+            .write(true)
+            .open(m.path("stats"))
+            .unwrap();
+        assert_eq!(errno_of(stats_rw.write_at(b"x", 0)), libc::EINVAL);
+        assert_eq!(errno_of(fallocate(&stats_rw, 0, 0, 10)), libc::EOPNOTSUPP);
+        drop(stats_rw);
+
+        std::fs::remove_file(m.path("stats")).unwrap();
+        let stats = read_stats(&m);
+        assert_eq!(stat_value(&stats, "memory_writes"), 0);
+        assert_eq!(stat_value(&stats, "memory_reads"), 0);
+        assert_eq!(
+            errno_of(std::fs::remove_file(m.path("file"))),
+            libc::EOPNOTSUPP
+        );
+        assert_eq!(m.mem.stored_count(), 3, "data survives");
+        drop(file);
+        m.unmount().unwrap();
+    }
+
+    #[test]
+    fn punch_hole_deletes_whole_blocks_and_zeroes_edges() {
+        let m = mount();
+        let file = m.open_rw();
+        let data = pattern(8 * BS, 7);
+        file.write_all_at(&data, 0).unwrap();
+        assert_eq!(m.mem.stored_count(), 8);
+
+        // Allocation without punching changes nothing.
+        fallocate(&file, 0, 0, 8 * BS as u64).unwrap();
+        assert_eq!(m.mem.stored_count(), 8);
+
+        let (start, end) = (BS + 100, 5 * BS + 200);
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        fallocate(&file, mode, start as u64, (end - start) as u64).unwrap();
+        for b in 2..5 {
+            assert_eq!(m.mem.stored(BlockId(b)), None, "block {b} deleted");
+        }
+        assert_eq!(m.mem.stored_count(), 5);
+        let mut back = vec![0u8; 8 * BS];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back[..start], &data[..start]);
+        assert!(back[start..end].iter().all(|&b| b == 0));
+        assert_eq!(&back[end..], &data[end..]);
+
+        assert_eq!(
+            errno_of(fallocate(&file, mode, SIZE - 10, 20)),
+            libc::ENOSPC
+        );
+        drop(file);
+        m.unmount().unwrap();
+    }
+
+    #[test]
+    fn fsync_and_close_flush_the_store() {
+        let m = mount();
+        let file = m.open_rw();
+        file.write_all_at(b"hello", 0).unwrap();
+        let before = m.probe.flushes.get();
+        file.sync_all().unwrap();
+        let after_fsync = m.probe.flushes.get();
+        assert!(after_fsync > before, "fsync must flush");
+        drop(file);
+        assert!(m.probe.flushes.get() > after_fsync, "close must flush");
+
+        // A failing flush is reported to fsync, not swallowed.
+        m.probe.fail_flush.store(true, Ordering::SeqCst);
+        let file = m.open_rw();
+        assert_eq!(errno_of(file.sync_all()), libc::EIO);
+        m.probe.fail_flush.store(false, Ordering::SeqCst);
+        drop(file);
+        m.unmount().unwrap();
+    }
+
+    #[test]
+    fn serve_returns_the_final_flush_error() {
+        let m = mount();
+        m.probe.fail_flush.store(true, Ordering::SeqCst);
+        let err = m.unmount().unwrap_err();
+        assert!(err.to_string().contains("injected flush failure"), "{err}");
+    }
+
+    #[test]
+    fn concurrent_writers_and_readers_stay_consistent() {
+        let m = mount_with(Duration::from_millis(1), |o| o.direct_io = true);
+        const REGION: usize = 256;
+        const WRITERS: usize = 8; // 4 regions in block 0, 4 in distinct blocks
+        const ROUNDS: u8 = 10;
+        let region_offset = |w: usize| -> u64 {
+            if w < 4 {
+                (w * REGION) as u64
+            } else {
+                ((w + 1) * BS + 10) as u64
+            }
+        };
+        std::thread::scope(|s| {
+            for w in 0..WRITERS {
+                let file = m.open_rw();
+                s.spawn(move || {
+                    for round in 1..=ROUNDS {
+                        file.write_all_at(&[round; REGION], region_offset(w))
+                            .unwrap();
+                    }
+                });
+            }
+            for _ in 0..2 {
+                let file = m.open_rw();
+                s.spawn(move || {
+                    for _ in 0..ROUNDS {
+                        for w in 0..WRITERS {
+                            let mut buf = [0u8; REGION];
+                            file.read_exact_at(&mut buf, region_offset(w)).unwrap();
+                            assert!(buf.iter().all(|&b| b == buf[0]), "torn region {w}");
+                        }
+                    }
+                });
+            }
+        });
+        let file = m.open_rw();
+        for w in 0..WRITERS {
+            let mut buf = [0u8; REGION];
+            file.read_exact_at(&mut buf, region_offset(w)).unwrap();
+            assert_eq!(buf, [ROUNDS; REGION], "writer {w} final data");
+        }
+        drop(file);
+        m.unmount().unwrap();
+    }
+
+    #[test]
+    fn parallel_small_reads_overlap_in_the_store() {
+        let m = mount_with(Duration::from_millis(20), |o| o.direct_io = true);
+        const READERS: usize = 12;
+        std::thread::scope(|s| {
+            for r in 0..READERS {
+                let file = File::open(m.path("file")).unwrap();
+                s.spawn(move || {
+                    for i in 0..3 {
+                        let mut buf = [0u8; BS];
+                        file.read_exact_at(&mut buf, ((r * 3 + i) * BS) as u64)
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let peak = m.probe.max_in_flight();
+        assert!(peak >= 6, "only {peak} store requests overlapped");
+
+        // One large request is split into parallel block reads too.
+        let file = File::open(m.path("file")).unwrap();
+        let mut big = vec![0u8; 32 * BS];
+        file.read_exact_at(&mut big, 0).unwrap();
+        assert!(m.probe.max_in_flight() >= 16, "{}", m.probe.max_in_flight());
+        drop(file);
+        m.unmount().unwrap();
+    }
+
+    #[test]
+    fn bad_mount_points_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlockStore> =
+            Arc::new(MemoryBackend::new(Geometry::new(SIZE, BS as u32).unwrap()));
+        let missing = options(&dir.path().join("missing"));
+        let err = serve(store.clone(), &missing, || panic!("not ready")).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let err = serve(store.clone(), &options(&plain), || panic!("not ready")).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+
+        let mut bad_option = options(dir.path());
+        bad_option.mount_options = vec!["bogus_option".into()];
+        let err = serve(store.clone(), &bad_option, || panic!("not ready")).unwrap_err();
+        assert!(err.to_string().contains("bogus_option"), "{err}");
+
+        let m = mount();
+        let err = serve(store, &options(m.dir.path()), || panic!("not ready")).unwrap_err();
+        assert!(matches!(err, Error::Busy(_)), "{err}");
+        m.unmount().unwrap();
+    }
+
+    #[test]
+    fn mount_options_map_to_kernel_and_local_settings() {
+        let mut opts = options(Path::new("/mnt"));
+        opts.mount_options = vec![
+            "allow_root,uid=1234,gid=99".into(),
+            "ro,dev,attr_timeout=2.5,kernel_cache,noauto,max_read=65536".into(),
+        ];
+        let setup = parse_mount_options(&opts).unwrap();
+        assert_eq!(setup.acl, SessionACL::RootAndOwner);
+        assert_eq!(setup.owner, Owner { uid: 1234, gid: 99 });
+        assert_eq!(setup.ttl.attr, Duration::from_millis(2500));
+        assert!(setup.options.contains(&MountOption::RO));
+        assert!(setup.options.contains(&MountOption::Dev));
+        assert!(!setup.options.contains(&MountOption::NoDev));
+        assert!(
+            setup
+                .options
+                .contains(&MountOption::CUSTOM("max_read=65536".into()))
+        );
+        assert!(
+            setup
+                .options
+                .contains(&MountOption::FSName("memory://test".into()))
+        );
+        assert!(
+            setup
+                .options
+                .contains(&MountOption::CUSTOM("subtype=s3backer".into()))
+        );
+
+        opts.mount_options = vec!["uid=abc".into()];
+        assert!(parse_mount_options(&opts).is_err());
+    }
+
+    #[test]
+    fn fallocate_rules_follow_spec() {
+        let g = Geometry::new(SIZE, BS as u32).unwrap();
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(
+            fallocate_action(&g, FILE_INO, 0, 10, punch, false),
+            Ok(true)
+        );
+        assert_eq!(
+            fallocate_action(&g, FILE_INO, 0, 10, libc::FALLOC_FL_ZERO_RANGE, false),
+            Ok(true)
+        );
+        assert_eq!(fallocate_action(&g, FILE_INO, 0, 10, 0, false), Ok(false));
+        assert_eq!(
+            fallocate_action(&g, FILE_INO, 0, 10, libc::FALLOC_FL_KEEP_SIZE, true),
+            Ok(false)
+        );
+        assert_eq!(
+            fallocate_action(&g, FILE_INO, 0, 10, punch, true),
+            Err(Errno::EROFS)
+        );
+        assert_eq!(
+            fallocate_action(&g, FILE_INO, 0, 0, punch, false),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            fallocate_action(&g, FILE_INO, SIZE - 1, 2, punch, false),
+            Err(Errno::ENOSPC)
+        );
+        assert_eq!(
+            fallocate_action(&g, FILE_INO, 0, 10, libc::FALLOC_FL_COLLAPSE_RANGE, false),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(
+            fallocate_action(&g, STATS_INO, 0, 10, punch, false),
+            Err(Errno::EOPNOTSUPP)
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        let line = "36 35 0:40 / /mnt/my\\040disk rw,nosuid - fuse.s3backer memory:// rw\n\
+                    37 35 0:41 / /mnt/other rw - ext4 /dev/sda1 rw";
+        assert_eq!(
+            fuse_mount_at(line, Path::new("/mnt/my disk")).as_deref(),
+            Some("fuse.s3backer")
+        );
+        assert_eq!(fuse_mount_at(line, Path::new("/mnt/other")), None);
+        assert_eq!(fuse_mount_at(line, Path::new("/mnt/my")), None);
+    }
 }

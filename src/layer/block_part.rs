@@ -399,6 +399,8 @@ pub(crate) mod testing {
         in_flight: AtomicUsize,
         max_in_flight: AtomicUsize,
         pub(crate) flushes: Counter,
+        /// When set, `flush` fails with EIO.
+        pub(crate) fail_flush: AtomicBool,
     }
 
     impl ProbeStore {
@@ -408,6 +410,7 @@ pub(crate) mod testing {
                 in_flight: AtomicUsize::new(0),
                 max_in_flight: AtomicUsize::new(0),
                 flushes: Counter::default(),
+                fail_flush: AtomicBool::new(false),
             }
         }
 
@@ -443,6 +446,9 @@ pub(crate) mod testing {
 
         fn flush(&self) -> Result<()> {
             self.flushes.inc();
+            if self.fail_flush.load(Ordering::SeqCst) {
+                return Err(Error::Other("injected flush failure".into()));
+            }
             self.inner.flush()
         }
 
