@@ -1357,6 +1357,44 @@ mod tests {
         m.unmount().unwrap();
     }
 
+    /// Signals reach every mount of the process, so this runs alone:
+    /// `cargo test --lib sigterm_unmounts -- --ignored`.
+    #[test]
+    #[ignore = "signals the whole test process; run alone"]
+    fn sigterm_unmounts_and_flushes() {
+        let mut m = mount();
+        let file = m.open_rw();
+        file.write_all_at(b"data", 0).unwrap();
+        let flushes = m.probe.flushes.get();
+        let canonical = m.dir.path().canonicalize().unwrap();
+        let mounted = || {
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            fuse_mount_at(&mounts, &canonical).is_some()
+        };
+        // SAFETY: serve installed a handler for SIGTERM.
+        unsafe { libc::raise(libc::SIGTERM) };
+        // The open file makes the unmount busy: the mount is detached at once and
+        // served until the file is closed.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while mounted() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!mounted(), "still mounted after SIGTERM");
+        file.write_all_at(b"more", 4096).unwrap();
+        drop(file);
+        let thread = m.thread.take().unwrap();
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            thread.is_finished(),
+            "serve did not stop after the last close"
+        );
+        thread.join().unwrap().unwrap();
+        assert!(m.probe.flushes.get() > flushes, "final flush");
+        assert_eq!(m.mem.stored(BlockId(1)).unwrap()[..4], *b"more");
+    }
+
     #[test]
     fn mount_options_map_to_kernel_and_local_settings() {
         let mut opts = options(Path::new("/mnt"));
