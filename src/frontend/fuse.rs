@@ -75,8 +75,17 @@ pub fn serve(
         config
     };
     let fs = DiskFs::new(store.clone(), opts, mount.owner, mount.ttl);
-    let mut session = fuser::Session::new(fs, &opts.mount_point, &config)
-        .map_err(|err| Error::io(format!("cannot mount {}", opts.mount_point.display()), err))?;
+    let mut session = fuser::Session::new(fs, &opts.mount_point, &config).map_err(|err| {
+        let hint = if Path::new("/dev/fuse").exists() {
+            ""
+        } else {
+            " (/dev/fuse missing: is the fuse module loaded?)"
+        };
+        Error::io(
+            format!("cannot mount {}{hint}", opts.mount_point.display()),
+            err,
+        )
+    })?;
     let signals = spawn_signal_watcher(session.unmount_callable(), &opts.mount_point)?;
     info!("mounted {}", opts.mount_point.display());
     on_ready();
