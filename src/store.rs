@@ -69,6 +69,17 @@ pub trait BlockStore: Send + Sync {
         Ok(())
     }
 
+    /// Writes `data` at `offset` inside `block`. Layers that cache blocks override this; the
+    /// default reads the whole block, patches it and writes it back.
+    fn write_partial(&self, block: BlockId, offset: u32, data: &[u8]) -> Result<()> {
+        let mut whole = vec![0u8; self.geometry().block_size_usize()];
+        self.read_block(block, &mut whole)?;
+        let start = offset as usize;
+        whole[start..start + data.len()].copy_from_slice(data);
+        self.write_block(block, Block::from_buf(&whole))?;
+        Ok(())
+    }
+
     /// Zeroes many whole blocks; backends may batch the deletes.
     fn bulk_zero(&self, blocks: &[BlockId]) -> Result<()> {
         for &block in blocks {
