@@ -16,7 +16,7 @@
 //! - `used` (clean and reading entries plus dirty versions) never exceeds `size`; `dirty` (dirty
 //!   versions) never exceeds `max_dirty`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -769,11 +769,11 @@ impl Shared {
     fn next_job(&self, st: &mut State) -> Job {
         let now = Instant::now();
         let expiry = self.expire(st, now);
-        if let Some(&(at, block)) = st.retry.front() {
-            if at <= now {
-                st.retry.pop_front();
-                return self.start_upload(st, block);
-            }
+        if let Some(&(at, block)) = st.retry.front()
+            && at <= now
+        {
+            st.retry.pop_front();
+            return self.start_upload(st, block);
         }
         if let Some(block) = st.prefetch.pop_front() {
             return Job::Prefetch(block);
@@ -977,9 +977,8 @@ impl BlockStore for BlockCache {
                 found(block);
             }
         })?;
-        let mut reported = HashSet::new();
         for (&block, &non_zero) in &dirty {
-            if non_zero && reported.insert(block) {
+            if non_zero {
                 found(block);
             }
         }
