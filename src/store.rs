@@ -155,4 +155,20 @@ mod tests {
         }
         assert!(Block::from_buf(&buf).is_zero());
     }
+
+    #[test]
+    fn default_partial_write_patches_the_stored_block() {
+        let store = crate::backend::memory::MemoryBackend::new(Geometry::new(2048, 512).unwrap());
+        store.write_partial(BlockId(1), 510, &[1, 2]).unwrap();
+        let mut buf = vec![9u8; 512];
+        store.read_block(BlockId(1), &mut buf).unwrap();
+        assert_eq!(&buf[508..], &[0, 0, 1, 2]);
+        assert!(buf[..508].iter().all(|&b| b == 0));
+        store.write_partial(BlockId(1), 510, &[0, 0]).unwrap();
+        assert_eq!(
+            store.stored_count(),
+            0,
+            "an all-zero result must delete the block"
+        );
+    }
 }

@@ -675,6 +675,17 @@ enum Op {
 
 const MODEL_BLOCKS: u32 = 8;
 
+/// True when the store below the cache holds exactly the model's blocks.
+fn below_equals(probe: &Probe, model: &[Vec<u8>]) -> bool {
+    model.iter().enumerate().all(|(b, expected)| {
+        probe
+            .mem
+            .stored(BlockId(b as u32))
+            .unwrap_or_else(|| filled(0))
+            == *expected
+    })
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let block = 0..MODEL_BLOCKS;
     prop_oneof![
@@ -725,13 +736,13 @@ proptest! {
                     cache.read_partial(BlockId(b), o as u32, &mut buf).unwrap();
                     prop_assert_eq!(&buf[..], &model[b as usize][o..o + l]);
                 }
-                Op::Flush => cache.flush().unwrap(),
+                Op::Flush => {
+                    cache.flush().unwrap();
+                    prop_assert!(below_equals(&probe, &model), "lower store differs after flush");
+                }
             }
         }
         cache.flush().unwrap();
-        for (b, expected) in model.iter().enumerate() {
-            let below = probe.mem.stored(BlockId(b as u32)).unwrap_or_else(|| filled(0));
-            prop_assert_eq!(&below, expected, "block {} below", b);
-        }
+        prop_assert!(below_equals(&probe, &model), "lower store differs after the last flush");
     }
 }
