@@ -270,7 +270,8 @@ impl BlockCache {
     pub fn new(inner: Arc<dyn BlockStore>, opts: BlockCacheOptions) -> Arc<BlockCache> {
         let geometry = inner.geometry();
         let mut opts = opts;
-        opts.size = opts.size.max(1);
+        // More slots than blocks would never be used (C caps the size the same way).
+        opts.size = opts.size.clamp(1, geometry.num_blocks() as usize);
         opts.threads = opts.threads.max(1);
         let max_dirty = match opts.max_dirty {
             0 => opts.size,
@@ -517,6 +518,8 @@ impl Shared {
         if st.sequential_run < self.opts.read_ahead_trigger {
             return;
         }
+        // Most recently used first, so making room for the prefetch cannot evict it.
+        self.touch(st, block);
         let last_block = self.geometry.num_blocks() - 1;
         let end = block.0.saturating_add(self.opts.read_ahead).min(last_block);
         let mut scheduled = false;

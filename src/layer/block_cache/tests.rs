@@ -220,7 +220,7 @@ fn written_block_reads_back_from_cache() {
 
 #[test]
 fn write_back_happens_after_the_delay_and_not_before() {
-    let probe = Probe::new(16);
+    let probe = Probe::new(1024);
     let delay = Duration::from_millis(300);
     let opts = BlockCacheOptions {
         size: 1000,
