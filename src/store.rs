@@ -69,6 +69,17 @@ pub trait BlockStore: Send + Sync {
         Ok(())
     }
 
+    /// Writes `data` at `offset` inside `block`. Layers that cache blocks override this; the
+    /// default reads the whole block, patches it and writes it back.
+    fn write_partial(&self, block: BlockId, offset: u32, data: &[u8]) -> Result<()> {
+        let mut whole = vec![0u8; self.geometry().block_size_usize()];
+        self.read_block(block, &mut whole)?;
+        let start = offset as usize;
+        whole[start..start + data.len()].copy_from_slice(data);
+        self.write_block(block, Block::from_buf(&whole))?;
+        Ok(())
+    }
+
     /// Zeroes many whole blocks; backends may batch the deletes.
     fn bulk_zero(&self, blocks: &[BlockId]) -> Result<()> {
         for &block in blocks {
@@ -143,5 +154,21 @@ mod tests {
             buf[i] = 0;
         }
         assert!(Block::from_buf(&buf).is_zero());
+    }
+
+    #[test]
+    fn default_partial_write_patches_the_stored_block() {
+        let store = crate::backend::memory::MemoryBackend::new(Geometry::new(2048, 512).unwrap());
+        store.write_partial(BlockId(1), 510, &[1, 2]).unwrap();
+        let mut buf = vec![9u8; 512];
+        store.read_block(BlockId(1), &mut buf).unwrap();
+        assert_eq!(&buf[508..], &[0, 0, 1, 2]);
+        assert!(buf[..508].iter().all(|&b| b == 0));
+        store.write_partial(BlockId(1), 510, &[0, 0]).unwrap();
+        assert_eq!(
+            store.stored_count(),
+            0,
+            "an all-zero result must delete the block"
+        );
     }
 }
