@@ -71,7 +71,11 @@ pub fn daemonize() -> std::io::Result<Readiness> {
 }
 
 fn redirect_stdio_to_null() {
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         use std::os::fd::AsRawFd;
         for fd in 0..=2 {
             // SAFETY: dup2 onto the standard descriptors; null stays open for the call.

@@ -6,12 +6,16 @@
 pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod frontend;
 pub mod geometry;
 pub mod layer;
+pub mod logging;
 pub mod naming;
+
 pub mod stats;
 pub mod store;
+pub mod volume;
 
 pub use error::{Error, Result};

@@ -43,7 +43,11 @@ fn main() -> ExitCode {
 
 fn run(config: &Config) -> Result<(), String> {
     // Ask for the password while we still own the terminal, before going to the background.
-    let password = config.needs_password().then(|| config.encryption_password()).transpose().map_err(|e| e.to_string())?;
+    let password = config
+        .needs_password()
+        .then(|| config.encryption_password())
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let mut readiness = if config.mode == Mode::Mount && !config.foreground {
         daemon::daemonize().map_err(|e| format!("can't go to the background: {e}"))?
     } else {

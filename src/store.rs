@@ -131,6 +131,12 @@ pub trait Volume: Send + Sync {
 
     /// Writes (`Some`) or deletes (`None`) the mount token object.
     fn write_mount_token(&self, token: Option<u32>) -> Result<()>;
+
+    /// Creates the token only if no token exists; `false` when another process got there first.
+    /// Backends with conditional writes make this race-free; the default is a plain write.
+    fn create_mount_token(&self, token: u32) -> Result<bool> {
+        self.write_mount_token(Some(token)).map(|()| true)
+    }
 }
 
 /// True when every byte of `buf` is zero.

@@ -153,14 +153,7 @@ impl BlockPart {
                 .write_block(span.block, Block::from_buf(piece))
                 .map(|_| ())
         } else {
-            let mut whole = vec![0u8; self.geometry.block_size_usize()];
-            self.store.read_block(span.block, &mut whole).and_then(|_| {
-                let start = span.offset as usize;
-                whole[start..start + piece.len()].copy_from_slice(piece);
-                self.store
-                    .write_block(span.block, Block::from_buf(&whole))
-                    .map(|_| ())
-            })
+            self.store.write_partial(span.block, span.offset, piece)
         };
         result.inspect_err(|err| warn!(block = %span.block, "write failed: {err}"))
     }

@@ -1,1 +1,418 @@
-//! (to be written)
+//! Zero cache (spec 6.4): remembers which blocks are known to be all zeros, so their reads cost
+//! no request and zero writes to them are dropped. `--listBlocks` fills it by listing the bucket
+//! in the background at start-up.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tracing::{info, warn};
+
+use crate::error::Result;
+use crate::geometry::{BlockId, Geometry};
+use crate::stats::{Counter, StatsReport};
+use crate::store::{Block, BlockStore, ReadInfo, WriteInfo};
+
+/// A fixed-size bitmap of atomics: one bit per block, so 2^32 blocks cost 512 MiB, not structs.
+struct Bitmap {
+    words: Box<[AtomicU64]>,
+}
+
+impl Bitmap {
+    fn new(bits: u32) -> Self {
+        let words = (u64::from(bits)).div_ceil(64) as usize;
+        Bitmap {
+            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn locate(block: BlockId) -> (usize, u64) {
+        ((block.0 / 64) as usize, 1u64 << (block.0 % 64))
+    }
+
+    fn get(&self, block: BlockId) -> bool {
+        let (word, mask) = Self::locate(block);
+        self.words[word].load(Ordering::Acquire) & mask != 0
+    }
+
+    /// Sets the bit; returns whether it changed.
+    fn set(&self, block: BlockId) -> bool {
+        let (word, mask) = Self::locate(block);
+        self.words[word].fetch_or(mask, Ordering::AcqRel) & mask == 0
+    }
+
+    /// Clears the bit; returns whether it changed.
+    fn clear(&self, block: BlockId) -> bool {
+        let (word, mask) = Self::locate(block);
+        self.words[word].fetch_and(!mask, Ordering::AcqRel) & mask != 0
+    }
+}
+
+/// Bookkeeping while the `--listBlocks` survey runs.
+struct Survey {
+    listed: Bitmap,
+    /// Blocks read or written while the listing ran: the listing may predate them.
+    touched: Bitmap,
+}
+
+pub struct ZeroCache {
+    inner: Arc<dyn BlockStore>,
+    geometry: Geometry,
+    known_zero: Bitmap,
+    known_zero_count: AtomicU64,
+    survey: Mutex<Option<Arc<Survey>>>,
+    surveying: AtomicBool,
+    read_hits: Counter,
+    write_hits: Counter,
+}
+
+impl ZeroCache {
+    /// Starts with nothing known.
+    pub fn new(inner: Arc<dyn BlockStore>) -> Self {
+        let geometry = inner.geometry();
+        ZeroCache {
+            inner,
+            geometry,
+            known_zero: Bitmap::new(geometry.num_blocks()),
+            known_zero_count: AtomicU64::new(0),
+            survey: Mutex::new(None),
+            surveying: AtomicBool::new(false),
+            read_hits: Counter::default(),
+            write_hits: Counter::default(),
+        }
+    }
+
+    /// Lists the stored blocks in a background thread; every block not listed becomes known zero.
+    pub fn start_survey(self: &Arc<Self>, threads: usize) -> std::thread::JoinHandle<()> {
+        let survey = Arc::new(Survey {
+            listed: Bitmap::new(self.geometry.num_blocks()),
+            touched: Bitmap::new(self.geometry.num_blocks()),
+        });
+        *self.survey.lock() = Some(survey.clone());
+        self.surveying.store(true, Ordering::SeqCst);
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name("list-blocks".into())
+            .spawn(move || this.run_survey(&survey, threads))
+            .expect("spawn survey thread")
+    }
+
+    fn run_survey(&self, survey: &Survey, threads: usize) {
+        let start = Instant::now();
+        info!("listing non-zero blocks...");
+        let found = AtomicU64::new(0);
+        let result = self.inner.survey_non_zero(threads.max(1), &|block| {
+            if self.geometry.contains(block) && survey.listed.set(block) {
+                found.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        match result {
+            Ok(()) => {
+                // Checking "touched" and marking zero happen under the lock `touch` takes, so a
+                // write that starts meanwhile either is seen here or clears the mark after it.
+                let blocks = self.geometry.num_blocks();
+                for first in (0..blocks).step_by(64) {
+                    let _touches = self.survey.lock();
+                    for block in (first..blocks.min(first.saturating_add(64))).map(BlockId) {
+                        if !survey.listed.get(block) && !survey.touched.get(block) {
+                            self.mark_zero(block);
+                        }
+                    }
+                }
+                info!(
+                    "found {} non-zero blocks in {:.1} s",
+                    found.load(Ordering::Relaxed),
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Err(e) => warn!("listing blocks failed, zero cache stays empty: {e}"),
+        }
+        self.surveying.store(false, Ordering::SeqCst);
+        *self.survey.lock() = None;
+    }
+
+    /// Notes, before any I/O, that a block's state may change while a survey runs.
+    fn touch(&self, block: BlockId) {
+        if self.surveying.load(Ordering::SeqCst)
+            && let Some(survey) = self.survey.lock().as_ref()
+        {
+            survey.touched.set(block);
+        }
+    }
+
+    fn mark_zero(&self, block: BlockId) {
+        if self.known_zero.set(block) {
+            self.known_zero_count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn mark_unknown(&self, block: BlockId) {
+        if self.known_zero.clear(block) {
+            self.known_zero_count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn record(&self, block: BlockId, zero: bool) {
+        if zero {
+            self.mark_zero(block);
+        } else {
+            self.mark_unknown(block);
+        }
+    }
+}
+
+impl BlockStore for ZeroCache {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
+        if self.known_zero.get(block) {
+            self.read_hits.inc();
+            buf.fill(0);
+            return Ok(ReadInfo {
+                zero: true,
+                etag: None,
+            });
+        }
+        self.touch(block);
+        let info = self.inner.read_block(block, buf)?;
+        self.record(block, info.zero);
+        Ok(info)
+    }
+
+    fn read_partial(&self, block: BlockId, offset: u32, buf: &mut [u8]) -> Result<()> {
+        if self.known_zero.get(block) {
+            self.read_hits.inc();
+            buf.fill(0);
+            return Ok(());
+        }
+        self.inner.read_partial(block, offset, buf)
+    }
+
+    fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo> {
+        if data.is_zero() && self.known_zero.get(block) {
+            self.write_hits.inc();
+            return Ok(WriteInfo::default());
+        }
+        self.touch(block);
+        // Unknown while the write is under way, and after it if it fails.
+        self.mark_unknown(block);
+        let info = self.inner.write_block(block, data)?;
+        self.record(block, data.is_zero());
+        Ok(info)
+    }
+
+    fn write_partial(&self, block: BlockId, offset: u32, data: &[u8]) -> Result<()> {
+        self.touch(block);
+        if self.known_zero.get(block) {
+            // No need to read a block we know is zero.
+            let mut whole = vec![0u8; self.geometry.block_size_usize()];
+            let start = offset as usize;
+            whole[start..start + data.len()].copy_from_slice(data);
+            return self.write_block(block, Block::from_buf(&whole)).map(|_| ());
+        }
+        self.mark_unknown(block);
+        self.inner.write_partial(block, offset, data)
+    }
+
+    fn bulk_zero(&self, blocks: &[BlockId]) -> Result<()> {
+        let todo: Vec<BlockId> = blocks
+            .iter()
+            .copied()
+            .filter(|&b| {
+                let known = self.known_zero.get(b);
+                if known {
+                    self.write_hits.inc();
+                }
+                !known
+            })
+            .collect();
+        for &b in &todo {
+            self.touch(b);
+            self.mark_unknown(b);
+        }
+        self.inner.bulk_zero(&todo)?;
+        todo.iter().for_each(|&b| self.mark_zero(b));
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
+    fn survey_non_zero(&self, threads: usize, found: &(dyn Fn(BlockId) + Sync)) -> Result<()> {
+        self.inner.survey_non_zero(threads, found)
+    }
+
+    fn stats(&self, report: &mut StatsReport) {
+        report.add(
+            "zero_block_cache_size",
+            format!("{} blocks", self.known_zero_count.load(Ordering::Relaxed)),
+        );
+        report.add("zero_block_cache_read_hits", self.read_hits.get());
+        report.add("zero_block_cache_write_hits", self.write_hits.get());
+        self.inner.stats(report);
+    }
+
+    fn reset_stats(&self) {
+        self.read_hits.reset();
+        self.write_hits.reset();
+        self.inner.reset_stats();
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        self.inner.shutdown()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::MemoryBackend;
+
+    fn setup(blocks: u32) -> (Arc<MemoryBackend>, Arc<ZeroCache>) {
+        let mem = Arc::new(MemoryBackend::new(
+            Geometry::new(u64::from(blocks) * 512, 512).unwrap(),
+        ));
+        (mem.clone(), Arc::new(ZeroCache::new(mem)))
+    }
+
+    #[test]
+    fn known_zero_blocks_cost_no_lower_request() {
+        let (mem, zc) = setup(8);
+        let mut buf = vec![1u8; 512];
+        assert!(zc.read_block(BlockId(3), &mut buf).unwrap().zero);
+        assert_eq!(mem.reads.get(), 1);
+        assert!(zc.read_block(BlockId(3), &mut buf).unwrap().zero);
+        zc.write_block(BlockId(3), Block::Zero).unwrap();
+        assert_eq!(
+            (mem.reads.get(), mem.deletes.get()),
+            (1, 0),
+            "served from the bitmap"
+        );
+        zc.write_block(BlockId(3), Block::Data(&[9u8; 512]))
+            .unwrap();
+        zc.read_block(BlockId(3), &mut buf).unwrap();
+        assert_eq!(buf, vec![9u8; 512]);
+        assert_eq!(mem.reads.get(), 2, "non-zero data is read from below");
+        let mut report = StatsReport::default();
+        zc.stats(&mut report);
+        assert_eq!(report.get("zero_block_cache_read_hits"), Some("1"));
+        assert_eq!(report.get("zero_block_cache_write_hits"), Some("1"));
+        assert_eq!(report.get("zero_block_cache_size"), Some("0 blocks"));
+    }
+
+    #[test]
+    fn failed_write_leaves_the_block_unknown() {
+        let (mem, zc) = setup(4);
+        let mut buf = vec![0u8; 512];
+        zc.read_block(BlockId(1), &mut buf).unwrap();
+        mem.fail_block(BlockId(1));
+        assert!(
+            zc.write_block(BlockId(1), Block::Data(&[1u8; 512]))
+                .is_err()
+        );
+        assert!(
+            zc.read_block(BlockId(1), &mut buf).is_err(),
+            "must ask the store again"
+        );
+    }
+
+    #[test]
+    fn survey_marks_exactly_the_absent_blocks() {
+        let (mem, zc) = setup(16);
+        for b in [2u32, 7, 15] {
+            mem.write_block(BlockId(b), Block::Data(&[b as u8 + 1; 512]))
+                .unwrap();
+        }
+        zc.start_survey(4).join().unwrap();
+        let mut buf = vec![0u8; 512];
+        for b in 0..16u32 {
+            zc.read_block(BlockId(b), &mut buf).unwrap();
+        }
+        assert_eq!(mem.reads.get(), 3, "only the listed blocks are read");
+        let mut report = StatsReport::default();
+        zc.stats(&mut report);
+        assert_eq!(report.get("zero_block_cache_size"), Some("13 blocks"));
+    }
+
+    /// A lower store whose listing waits until the test has written a block.
+    struct SlowList {
+        inner: MemoryBackend,
+        gate: std::sync::Barrier,
+    }
+
+    impl BlockStore for SlowList {
+        fn geometry(&self) -> Geometry {
+            self.inner.geometry()
+        }
+        fn read_block(&self, b: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
+            self.inner.read_block(b, buf)
+        }
+        fn write_block(&self, b: BlockId, d: Block<'_>) -> Result<WriteInfo> {
+            self.inner.write_block(b, d)
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn survey_non_zero(&self, t: usize, found: &(dyn Fn(BlockId) + Sync)) -> Result<()> {
+            // The listing is taken first (empty), then the write lands: a stale listing.
+            let listing: Vec<BlockId> = {
+                let v = std::sync::Mutex::new(Vec::new());
+                self.inner
+                    .survey_non_zero(t, &|b| v.lock().unwrap().push(b))?;
+                v.into_inner().unwrap()
+            };
+            self.gate.wait();
+            self.gate.wait();
+            listing.into_iter().for_each(found);
+            Ok(())
+        }
+        fn stats(&self, _: &mut StatsReport) {}
+        fn reset_stats(&self) {}
+    }
+
+    #[test]
+    fn block_written_during_the_survey_is_not_marked_zero() {
+        let lower = Arc::new(SlowList {
+            inner: MemoryBackend::new(Geometry::new(8 * 512, 512).unwrap()),
+            gate: std::sync::Barrier::new(2),
+        });
+        let zc = Arc::new(ZeroCache::new(lower.clone()));
+        let survey = zc.start_survey(1);
+        lower.gate.wait();
+        zc.write_block(BlockId(5), Block::Data(&[5u8; 512]))
+            .unwrap();
+        lower.gate.wait();
+        survey.join().unwrap();
+        let mut buf = vec![0u8; 512];
+        let info = zc.read_block(BlockId(5), &mut buf).unwrap();
+        assert!(!info.zero);
+        assert_eq!(buf, vec![5u8; 512]);
+        assert!(zc.read_block(BlockId(4), &mut buf).unwrap().zero);
+    }
+
+    #[test]
+    fn partial_write_to_known_zero_block_does_not_read_below() {
+        let (mem, zc) = setup(4);
+        zc.start_survey(1).join().unwrap();
+        zc.write_partial(BlockId(2), 100, &[7u8; 10]).unwrap();
+        assert_eq!(mem.reads.get(), 0);
+        let stored = mem.stored(BlockId(2)).unwrap();
+        assert_eq!(&stored[100..110], &[7u8; 10]);
+        assert!(stored[..100].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn bulk_zero_skips_known_zero_blocks() {
+        let (mem, zc) = setup(8);
+        mem.write_block(BlockId(1), Block::Data(&[1u8; 512]))
+            .unwrap();
+        zc.start_survey(1).join().unwrap();
+        zc.bulk_zero(&[BlockId(0), BlockId(1), BlockId(2)]).unwrap();
+        assert_eq!(mem.deletes.get(), 1);
+        assert_eq!(mem.stored_count(), 0);
+    }
+}
