@@ -14,17 +14,25 @@ use crate::geometry::{BlockId, Geometry};
 use crate::stats::{Counter, StatsReport};
 use crate::store::{Block, BlockStore, ReadInfo, WriteInfo};
 
-/// A fixed-size bitmap of atomics: one bit per block, so 2^32 blocks cost 512 MiB, not structs.
+/// A fixed-size bitmap of atomics, one bit per block. It is zeroed lazily by the allocator, so a
+/// 2^32-block disk costs address space, not resident memory, until bits are set.
 struct Bitmap {
     words: Box<[AtomicU64]>,
 }
 
+// The cast in `Bitmap::new` relies on identical layouts.
+const _: () = assert!(
+    size_of::<AtomicU64>() == size_of::<u64>() && align_of::<AtomicU64>() == align_of::<u64>()
+);
+
 impl Bitmap {
     fn new(bits: u32) -> Self {
-        let words = (u64::from(bits)).div_ceil(64) as usize;
-        Bitmap {
-            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
-        }
+        let zeroed = vec![0u64; u64::from(bits).div_ceil(64) as usize].into_boxed_slice();
+        // SAFETY: AtomicU64 has the size, alignment (asserted above) and bit validity of u64 and
+        // the box is uniquely owned. `vec![0; n]` is a zeroed allocation; an iterator of
+        // `AtomicU64::new(0)` would write (and so commit) every page.
+        let words = unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicU64]) };
+        Bitmap { words }
     }
 
     fn locate(block: BlockId) -> (usize, u64) {

@@ -293,3 +293,17 @@ pub fn verify_tree(root: &Path, expected: &BTreeMap<PathBuf, String>) {
         );
     }
 }
+
+/// Unmounts a path on drop (used for mounts made by `mount(8)` rather than by a child we own).
+pub struct UnmountOnDrop(pub PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let ok = Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+    }
+}
