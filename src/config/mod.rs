@@ -422,17 +422,17 @@ fn build_config(
     given: &Given,
     fuse_options: Vec<String>,
 ) -> Result<Config, ConfigError> {
+    if flags.shared_disk_mode
+        && let Some(flag) = SHARED_DISK_CONFLICTS.iter().find(|flag| given.has(flag))
+    {
+        return Err(ConfigError::new(format!(
+            "in \"sharedDiskMode\" the flag \"{flag}\" must not be used"
+        )));
+    }
     for (flag, turns_on) in NOT_YET_SUPPORTED {
         if given.has(flag) && turns_on(&flags) {
             return Err(ConfigError::new(format!(
                 "\"--{flag}\" is not supported yet"
-            )));
-        }
-    }
-    if flags.shared_disk_mode {
-        if let Some(flag) = SHARED_DISK_CONFLICTS.iter().find(|flag| given.has(flag)) {
-            return Err(ConfigError::new(format!(
-                "in \"sharedDiskMode\" the flag \"{flag}\" must not be used"
             )));
         }
     }
@@ -503,7 +503,7 @@ fn build_config(
     let block_size = flags
         .block_size
         .as_deref()
-        .map(|s| parse_block_size(s))
+        .map(parse_block_size)
         .transpose()?;
     let size = flags
         .size
@@ -733,7 +733,11 @@ fn bucket_and_prefix(
     let Some((bucket, subdir)) = arg.split_once('/') else {
         return Ok((arg.to_string(), prefix_flag.to_string()));
     };
-    if subdir.is_empty() || subdir.ends_with('/') || subdir.contains("//") {
+    if subdir.is_empty()
+        || subdir.starts_with('/')
+        || subdir.ends_with('/')
+        || subdir.contains("//")
+    {
         return Err(ConfigError::new(format!(
             "invalid S3 bucket subdirectory \"{subdir}\" in \"{arg}\""
         )));
@@ -960,3 +964,6 @@ fn parse_file_mode(text: &str) -> Result<u32, ConfigError> {
             ))
         })
 }
+
+#[cfg(test)]
+mod tests;

@@ -122,7 +122,12 @@ impl<'a> PrePass<'a> {
 
     /// One `-o` argument: a comma list of s3backer flags, config files and FUSE options.
     fn push_mount_options(&mut self, list: &str, from_file: bool) -> Result<(), ConfigError> {
-        for item in list.split(',').filter(|item| !item.is_empty()) {
+        // Trimmed: a config file line `-o a, b` is one argument with spaces in it.
+        for item in list
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+        {
             let (name, value) = split_flag(item);
             if name == "configFile" {
                 let path = value.ok_or_else(|| {
