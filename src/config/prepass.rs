@@ -134,8 +134,14 @@ impl<'a> PrePass<'a> {
                     ConfigError::new(r#"option "-o configFile" requires a file name"#)
                 })?;
                 self.splice_config_file(path)?;
-            } else if self.flags.contains_key(name) {
+            } else if let Some(kind) = self.flags.get(name) {
                 check_allowed(name, from_file)?;
+                // Emitted alone, `--name` would take the next argument as its value.
+                if value.is_none() && *kind == ValueKind::Required {
+                    return Err(ConfigError::new(format!(
+                        "option \"-o {name}\" requires a value (\"-o {name}=VALUE\")"
+                    )));
+                }
                 self.emit(format!("--{item}"))?;
             } else {
                 self.out.fuse_options.push(item.to_string());

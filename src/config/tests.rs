@@ -269,6 +269,14 @@ fn flag_names_are_case_sensitive() {
 }
 
 #[test]
+fn dash_o_flag_without_its_value_is_an_error() {
+    assert_eq!(
+        error(&["-o", "prefix", "bucket", "/mnt"]),
+        r#"option "-o prefix" requires a value ("-o prefix=VALUE")"#
+    );
+}
+
+#[test]
 fn dash_o_without_argument_is_an_error() {
     assert_eq!(
         error(&["bucket", "/mnt", "-o"]),
