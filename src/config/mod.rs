@@ -327,6 +327,8 @@ const DEFAULT_REGION: &str = "us-east-1";
 const LEGACY_DEVICE_PREFIX: &str = "s3backer#";
 /// `EVP_MAX_KEY_LENGTH` of OpenSSL, the upper bound of `--keyLength` (spec 4.3).
 const MAX_KEY_LENGTH: usize = 64;
+/// Block length of every supported cipher (AES); the disk block size must be a multiple of it.
+const CIPHER_BLOCK_SIZE: u32 = 16;
 
 /// Parses the command line (without argv[0]).
 pub fn parse_args(args: Vec<OsString>) -> Result<Command, ConfigError> {
@@ -517,6 +519,13 @@ fn build_config(
     let cipher = flags.encrypt.as_deref().map(parse_cipher).transpose()?;
     let compression = compression(flags.compress.as_deref(), flags.compress_level, cipher)?;
     let key_length = flags.key_length as usize;
+    if let (Some(_), Some(block_size)) = (cipher, block_size)
+        && block_size % CIPHER_BLOCK_SIZE != 0
+    {
+        return Err(ConfigError::new(format!(
+            "block size must be a multiple of {CIPHER_BLOCK_SIZE} when encrypting"
+        )));
+    }
     if let Some(cipher) = cipher {
         let native = native_key_length(cipher);
         if key_length != 0 && key_length < native {

@@ -570,6 +570,16 @@ fn encryption_implies_deflate_and_names_ciphers() {
 }
 
 #[test]
+fn encryption_needs_blocks_of_at_least_16_bytes() {
+    assert_eq!(
+        mount_error(&["--encrypt", "--blockSize=8"]),
+        "block size must be a multiple of 16 when encrypting"
+    );
+    assert_eq!(mount(&["--encrypt", "--blockSize=16"]).block_size, Some(16));
+    assert_eq!(mount(&["--blockSize=8"]).block_size, Some(8));
+}
+
+#[test]
 fn key_length_is_checked_against_the_cipher() {
     assert_eq!(
         mount(&["--encrypt=AES-256-CBC", "--keyLength=64"]).key_length,
