@@ -260,10 +260,12 @@ pub struct Config {
     pub test_discard: bool,
 }
 
+/// Whether a flag's value switches its feature on.
+type TurnsOn = fn(&Flags) -> bool;
+
 /// Flags that parse but whose feature is not built yet, each with the test "does this value turn
 /// the feature on?". Checked only for flags actually given. Delete an entry when its feature lands.
-#[allow(clippy::type_complexity)]
-const NOT_YET_SUPPORTED: &[(&str, fn(&Flags) -> bool)] = &[
+const NOT_YET_SUPPORTED: &[(&str, TurnsOn)] = &[
     ("blockCacheSize", |f| f.block_cache_size > 0),
     ("blockCacheFile", |f| f.block_cache_file.is_some()),
     ("readAhead", |f| f.read_ahead > 0),
