@@ -1,12 +1,10 @@
 //! `s3backer`: parse the flags, build the block stack, run the chosen frontend or admin command.
 
-use std::process::ExitCode;
-use std::sync::Arc;
-
 use s3backer::config::{self, Command, Config, Mode};
 use s3backer::daemon::{self, Readiness};
 use s3backer::logging::{self, Verbosity};
 use s3backer::stack::Stack;
+use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<_> = std::env::args_os().skip(1).collect();
@@ -43,11 +41,12 @@ fn main() -> ExitCode {
 
 fn run(config: &Config) -> Result<(), String> {
     // Ask for the password while we still own the terminal, before going to the background.
-    let password = config
-        .needs_password()
-        .then(|| config.encryption_password())
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    // Test mode stores raw blocks, so it needs no password.
+    let password = if config.cipher.is_some() && !config.test_mode {
+        Some(config.encryption_password().map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
     let mut readiness = if config.mode == Mode::Mount && !config.foreground {
         daemon::daemonize().map_err(|e| format!("can't go to the background: {e}"))?
     } else {

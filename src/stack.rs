@@ -1,0 +1,168 @@
+//! Builds the block stack from a `Config` and runs the chosen mode on it. Every frontend goes
+//! through here, so start-up checks, the mount token and the final flush exist once.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::admin;
+use crate::backend::dir::DirBackend;
+use crate::config::Config;
+use crate::daemon::Readiness;
+use crate::frontend::fuse::{self, FuseOptions};
+use crate::geometry::Geometry;
+use crate::layer::zero_cache::ZeroCache;
+use crate::naming::Naming;
+use crate::store::{BlockStore, Volume};
+use crate::volume::{self, MountGuard, MountTokenOptions, SizeRequest};
+
+/// The backend with its geometry settled, ready for layers.
+pub struct Stack {
+    volume: Arc<dyn Volume>,
+    backend: Arc<dyn BlockStore>,
+    geometry: Geometry,
+}
+
+impl Stack {
+    /// Connects to the bucket (or directory), detects or checks the disk size, and builds the backend.
+    pub fn open(config: &Config, password: Option<String>) -> Result<Stack, String> {
+        let naming = Naming::new(config.prefix.clone(), config.block_hash_prefix);
+        let request = SizeRequest {
+            block_size: config.block_size,
+            size: config.size,
+            force: config.force,
+            no_auto_detect: config.no_auto_detect,
+            test_mode: config.test_mode,
+            quiet: config.quiet,
+        };
+        if config.test_mode {
+            let dir = PathBuf::from(&config.bucket);
+            let probe = NoMetadata {
+                description: format!("file://{}/{}", dir.display(), config.prefix),
+            };
+            let geometry = volume::resolve_geometry(&probe, request)?;
+            let backend =
+                Arc::new(DirBackend::new(dir, naming, geometry).map_err(|e| e.to_string())?);
+            return Ok(Stack {
+                volume: backend.clone(),
+                backend,
+                geometry,
+            });
+        }
+        let _ = password;
+        Err("S3 backend not merged yet".to_string())
+    }
+
+    pub fn erase(&self, config: &Config) -> Result<(), String> {
+        let options = admin::erase::EraseOptions {
+            force: config.force,
+            quiet: config.quiet,
+            list_threads: config.list_blocks_threads as usize,
+            delete_threads: 25,
+        };
+        admin::erase::run(self.backend.as_ref(), self.volume.as_ref(), options)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn reset_mounted_flag(&self, config: &Config) -> Result<(), String> {
+        admin::reset::run(self.volume.as_ref(), config.quiet).map_err(|e| e.to_string())
+    }
+
+    /// Mounts the FUSE file and serves until unmounted; then flushes and clears the mount token.
+    pub fn mount(self, config: &Config, readiness: &mut Readiness) -> Result<(), String> {
+        // Test mode has no token object (like C); everything else claims the bucket first.
+        let guard = if config.test_mode {
+            None
+        } else {
+            Some(MountGuard::acquire(
+                self.volume.clone(),
+                MountTokenOptions {
+                    force: config.force,
+                    shared_disk: config.shared_disk_mode,
+                    read_only: config.read_only,
+                },
+            )?)
+        };
+        let store = self.layers(config);
+        let mount_point = config
+            .mount_point
+            .clone()
+            .expect("validated: mount point present");
+        tracing::info!(
+            "s3backer process {} for {} started",
+            std::process::id(),
+            mount_point.display()
+        );
+        let options = FuseOptions {
+            mount_point: mount_point.clone(),
+            filename: config.filename.clone(),
+            stats_filename: config.stats_filename.clone(),
+            file_mode: config.file_mode,
+            read_only: config.read_only,
+            direct_io: config.direct_io,
+            fsname: self.volume.description(),
+            mount_options: config.fuse_options.clone(),
+            threads: if config.single_threaded {
+                1
+            } else {
+                FUSE_THREADS
+            },
+            debug: config.debug,
+        };
+        tracing::info!("mounting {}", mount_point.display());
+        let served = fuse::serve(store.clone(), &options, || readiness.ready());
+        let flushed = served.and_then(|()| store.shutdown());
+        match flushed {
+            Ok(()) => {
+                if let Some(guard) = guard {
+                    guard.release()?;
+                }
+                tracing::info!("unmount {}: completed", mount_point.display());
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "unmount {}: NOT ALL DATA WAS WRITTEN: {e}; the mount token is left in place",
+                mount_point.display()
+            )),
+        }
+    }
+
+    /// The layers above the backend for a mount: the zero cache (unless shared-disk mode).
+    fn layers(&self, config: &Config) -> Arc<dyn BlockStore> {
+        if config.shared_disk_mode {
+            return self.backend.clone();
+        }
+        let zero_cache = Arc::new(ZeroCache::new(self.backend.clone()));
+        if config.list_blocks {
+            zero_cache.start_survey(config.list_blocks_threads as usize);
+        }
+        zero_cache
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+}
+
+/// FUSE dispatch threads: each blocks on one request while the stack below works in parallel.
+const FUSE_THREADS: usize = 16;
+
+/// Test mode has no metadata object: sizing always falls back to the flags.
+struct NoMetadata {
+    description: String,
+}
+
+impl Volume for NoMetadata {
+    fn description(&self) -> String {
+        self.description.clone()
+    }
+    fn detect_size(&self) -> crate::Result<Option<crate::store::SizeMeta>> {
+        Ok(None)
+    }
+    fn read_mount_token(&self) -> crate::Result<Option<u32>> {
+        Ok(None)
+    }
+    fn write_mount_token(&self, _token: Option<u32>) -> crate::Result<()> {
+        Ok(())
+    }
+}
