@@ -266,9 +266,7 @@ type TurnsOn = fn(&Flags) -> bool;
 /// Flags that parse but whose feature is not built yet, each with the test "does this value turn
 /// the feature on?". Checked only for flags actually given. Delete an entry when its feature lands.
 const NOT_YET_SUPPORTED: &[(&str, TurnsOn)] = &[
-    ("blockCacheSize", |f| f.block_cache_size > 0),
     ("blockCacheFile", |f| f.block_cache_file.is_some()),
-    ("readAhead", |f| f.read_ahead > 0),
     ("md5CacheSize", |f| f.md5_cache_size > 0),
     ("md5CacheTime", |f| f.md5_cache_time > 0),
     ("minWriteDelay", |f| f.min_write_delay > 0),

@@ -816,9 +816,7 @@ fn shared_disk_mode_forbids_cache_flags() {
 #[test]
 fn not_yet_supported_features_fail_when_turned_on() {
     for (flag, args) in [
-        ("blockCacheSize", &["--blockCacheSize=500"][..]),
         ("blockCacheFile", &["--blockCacheFile=/tmp/c"]),
-        ("readAhead", &["--readAhead=8"]),
         ("md5CacheSize", &["--md5CacheSize=10"]),
         ("md5CacheTime", &["--md5CacheTime=10"]),
         ("minWriteDelay", &["-o", "minWriteDelay=500"]),
@@ -1009,4 +1007,12 @@ fn parse_size_is_exact() {
     assert!(parse_size("1 k", "size").is_err());
     assert!(parse_size("-1", "size").is_err());
     assert!(parse_size("1kk", "size").is_err());
+}
+
+#[test]
+fn block_cache_and_read_ahead_flags_are_taken() {
+    let c = mount(&["--blockCacheSize=500", "--readAhead=8", "--blockCacheWriteDelay=0"]);
+    assert_eq!(c.block_cache_size, 500);
+    assert_eq!(c.read_ahead, 8);
+    assert_eq!(c.block_cache_write_delay, std::time::Duration::ZERO);
 }
