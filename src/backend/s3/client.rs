@@ -51,6 +51,7 @@ impl<'a> Request<'a> {
 }
 
 /// A response with a status the caller handles.
+#[derive(Debug)]
 pub(crate) struct Reply {
     pub status: u16,
     pub headers: HeaderMap,
@@ -508,6 +509,7 @@ fn build_agent(opts: &S3Options) -> Result<ureq::Agent> {
     };
     Ok(ureq::Agent::config_builder()
         .http_status_as_error(false)
+        // Redirects are errors (spec 2.9): hand every 3xx back as a response.
         .max_redirects(0)
         .timeout_global(Some(opts.timeout))
         .user_agent(opts.user_agent.as_str())
@@ -706,5 +708,68 @@ mod tests {
             " (SignatureDoesNotMatch)"
         );
         assert_eq!(error_code(b"junk"), "");
+    }
+
+    /// A loopback server answering every request with `status`; returns its URL and hit count.
+    fn fixed_status_server(
+        status: u16,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        // Detached: it ends with the test process; each connection is served and closed.
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(100) {
+                let Ok(stream) = stream else { return };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                for _ in 0..100 {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut out = stream;
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 {status} X\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        (url, hits)
+    }
+
+    fn fast_retry_client(base: &str) -> S3Client {
+        let mut o = opts(base, false, "");
+        o.initial_retry_pause = Duration::from_millis(10);
+        o.max_retry_pause = Duration::from_millis(50);
+        S3Client::new(o).unwrap()
+    }
+
+    #[test]
+    fn statuses_map_to_errors_and_retries_per_spec() {
+        let hits_of = |status: u16| {
+            let (url, hits) = fixed_status_server(status);
+            let client = fast_retry_client(&url);
+            let result = client.execute(&Request::new(Method::GET, Some("k")), &|_| Ok(()));
+            (result, hits.load(std::sync::atomic::Ordering::SeqCst))
+        };
+        let (result, hits) = hits_of(500);
+        assert!(
+            matches!(result, Err(Error::Other(ref m)) if m.contains("500")),
+            "{result:?}"
+        );
+        assert!(hits > 1, "5xx is retried");
+        let (result, hits) = hits_of(301);
+        assert!(matches!(result, Err(Error::Redirect(_))), "{result:?}");
+        assert!(hits > 1, "3xx is retried");
+        let (result, hits) = hits_of(404);
+        assert_eq!(result.map(|r| r.status).ok(), Some(404));
+        assert_eq!(hits, 1, "404 is final");
+        let (result, _) = hits_of(412);
+        assert!(matches!(result, Err(Error::Stale(_))), "{result:?}");
     }
 }

@@ -25,7 +25,7 @@ use crate::layer::codec::Codec;
 use crate::naming::Naming;
 use crate::stats::{Counter, StatsReport};
 use crate::store::{Block, BlockStore, Etag, ReadInfo, SizeMeta, Volume, WriteInfo};
-use client::{Reply, Request, content_md5};
+use client::{Reply, Request};
 use credentials::CredentialFlags;
 
 pub const BLOCK_CONTENT_TYPE: &str = "application/x-s3backer-block";
@@ -581,9 +581,4 @@ impl BlockStore for S3Backend {
         }
         self.client.stats.reset();
     }
-}
-
-/// Base64 Content-MD5 of a body (exposed for tests and the bulk paths).
-pub fn content_md5_of(body: &[u8]) -> String {
-    content_md5(body)
 }
