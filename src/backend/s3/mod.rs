@@ -1,1 +1,584 @@
-//! (to be written)
+//! The S3 backend: one object per non-zero block (spec sections 1, 2 and 5).
+//!
+//! [`S3Client`] speaks HTTP (signing, retries, listing) and owns the per-bucket metadata
+//! ([`Volume`]); [`S3Backend`] is the [`BlockStore`] on top of it, with the codec applied.
+
+mod client;
+mod credentials;
+mod list;
+mod retry;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use md5::{Digest as _, Md5};
+use ureq::http::Method;
+
+pub use client::{S3Client, is_plain_md5_etag, parse_quoted_hex};
+pub use credentials::{DEFAULT_IMDS_BASE_URL, Keys, parse_access_file};
+pub use retry::Backoff;
+
+use crate::error::{Error, Result};
+use crate::geometry::{BlockId, Geometry};
+use crate::layer::codec::Codec;
+use crate::naming::Naming;
+use crate::stats::{Counter, StatsReport};
+use crate::store::{Block, BlockStore, Etag, ReadInfo, SizeMeta, Volume, WriteInfo};
+use client::{Reply, Request};
+use credentials::CredentialFlags;
+
+pub const BLOCK_CONTENT_TYPE: &str = "application/x-s3backer-block";
+pub const BLOCK_SIZE_HEADER: &str = "x-amz-meta-s3backer-blocksize";
+pub const FILE_SIZE_HEADER: &str = "x-amz-meta-s3backer-filesize";
+pub const HMAC_HEADER: &str = "x-amz-meta-s3backer-hmac";
+pub const MOUNT_TOKEN_HEADER: &str = "x-amz-meta-s3backer-mount-token";
+
+/// Request signing (`--authVersion`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum AuthVersion {
+    Aws2,
+    #[default]
+    Aws4,
+}
+
+/// Everything the S3 backend needs from the command line.
+#[derive(Clone)]
+pub struct S3Options {
+    /// Ends in `/`.
+    pub base_url: String,
+    pub bucket: String,
+    pub naming: Naming,
+    pub vhost: bool,
+    pub region: String,
+    pub auth_version: AuthVersion,
+    /// `Some("")` = anonymous.
+    pub access_id: Option<String>,
+    pub access_key: Option<String>,
+    pub access_key_env: Option<String>,
+    pub access_file: Option<PathBuf>,
+    pub ec2_iam_role: Option<String>,
+    pub imds_v2: bool,
+    /// Instance metadata service base URL (injectable for tests).
+    pub imds_base_url: String,
+    /// Per-attempt timeout (`--timeout`).
+    pub timeout: Duration,
+    pub initial_retry_pause: Duration,
+    /// Total backoff budget (`--maxRetryPause`).
+    pub max_retry_pause: Duration,
+    /// `x-amz-acl` of PUTs (`--accessType`).
+    pub access_type: String,
+    pub storage_class: Option<String>,
+    pub sse: Option<String>,
+    pub sse_key_id: Option<String>,
+    pub cacert: Option<PathBuf>,
+    pub insecure: bool,
+    pub no_connection_reuse: bool,
+    /// Idle keep-alive connections kept in the pool.
+    pub max_connections: usize,
+    pub debug_http: bool,
+    pub read_only: bool,
+    pub user_agent: String,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options {
+            base_url: "http://s3.amazonaws.com/".into(),
+            bucket: String::new(),
+            naming: Naming::new("", false),
+            vhost: false,
+            region: "us-east-1".into(),
+            auth_version: AuthVersion::Aws4,
+            access_id: None,
+            access_key: None,
+            access_key_env: None,
+            access_file: None,
+            ec2_iam_role: None,
+            imds_v2: false,
+            imds_base_url: DEFAULT_IMDS_BASE_URL.into(),
+            timeout: Duration::from_secs(30),
+            initial_retry_pause: Duration::from_millis(200),
+            max_retry_pause: Duration::from_millis(30_000),
+            access_type: "private".into(),
+            storage_class: None,
+            sse: None,
+            sse_key_id: None,
+            cacert: None,
+            insecure: false,
+            no_connection_reuse: false,
+            max_connections: 64,
+            debug_http: false,
+            read_only: false,
+            user_agent: format!("s3backer/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("base_url", &self.base_url)
+            .field("bucket", &self.bucket)
+            .field("naming", &self.naming)
+            .field("vhost", &self.vhost)
+            .field("region", &self.region)
+            .field("credentials", &self.credential_flags())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Options {
+    fn credential_flags(&self) -> CredentialFlags {
+        CredentialFlags {
+            access_id: self.access_id.clone(),
+            access_key: self.access_key.clone(),
+            access_key_env: self.access_key_env.clone(),
+            access_file: self.access_file.clone(),
+            ec2_iam_role: self.ec2_iam_role.clone(),
+            imds_v2: self.imds_v2,
+            imds_base_url: self.imds_base_url.clone(),
+        }
+    }
+}
+
+/// A GET that found an object.
+pub struct Fetched {
+    pub body: Vec<u8>,
+    pub etag: Option<Etag>,
+    pub content_encoding: Option<String>,
+    pub hmac_header: Option<String>,
+}
+
+/// Headers a HEAD found.
+pub struct Head {
+    reply_headers: ureq::http::HeaderMap,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.reply_headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Upper bound of a stored block body: zlib's compressBound plus cipher padding (spec 2.5).
+fn max_body(block_size: usize) -> u64 {
+    let b = block_size as u64;
+    b + b / 4096 + b / 16384 + b / 33_554_432 + 13 + 16
+}
+
+impl S3Client {
+    /// GET of an object; `None` when absent. A plain-MD5 ETag that does not match the body is
+    /// retried, then reported as `Corrupt`.
+    pub fn get_object(
+        &self,
+        key: &str,
+        block: BlockId,
+        accept_encoding: &str,
+        max_body: u64,
+    ) -> Result<Option<Fetched>> {
+        let mut request = Request::new(Method::GET, Some(key));
+        request.headers = vec![("accept-encoding", accept_encoding.to_string())];
+        request.max_body = max_body;
+        let check_md5 = |reply: &Reply| match reply.header("etag") {
+            Some(etag) if is_plain_md5_etag(etag) => {
+                let actual = hex::encode(Md5::digest(&reply.body));
+                if etag.trim().trim_matches('"').eq_ignore_ascii_case(&actual) {
+                    Ok(())
+                } else {
+                    self.stats.mismatch.inc();
+                    Err(Error::corrupt(
+                        block,
+                        format!("body MD5 {actual} does not match ETag {etag} of {key}"),
+                    ))
+                }
+            }
+            _ => Ok(()),
+        };
+        let reply = self.execute(&request, &check_md5)?;
+        if reply.status == 404 {
+            return Ok(None);
+        }
+        let content_encoding = reply.header("content-encoding").map(|v| {
+            v.split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        Ok(Some(Fetched {
+            etag: reply.header("etag").and_then(parse_quoted_hex::<16>),
+            hmac_header: reply.header(HMAC_HEADER).map(str::to_string),
+            content_encoding: content_encoding.filter(|s| !s.is_empty()),
+            body: reply.body,
+        }))
+    }
+
+    /// PUT of an object with the headers of spec 2.3; returns the ETag (MD5 of the body).
+    pub fn put_object(
+        &self,
+        key: &str,
+        body: &[u8],
+        content_type: &str,
+        extra_headers: Vec<(&'static str, String)>,
+    ) -> Result<Etag> {
+        let mut request = Request::new(Method::PUT, Some(key));
+        request.headers = self.put_headers(body, content_type);
+        request.headers.extend(extra_headers);
+        request.body = body;
+        let reply = self.execute(&request, &|_| Ok(()))?;
+        self.expect_success(&request, &reply)?;
+        Ok(Md5::digest(body).into())
+    }
+
+    /// DELETE of an object; absent objects count as deleted.
+    pub fn delete_object(&self, key: &str) -> Result<()> {
+        let mut request = Request::new(Method::DELETE, Some(key));
+        if let Some(class) = &self.opts.storage_class {
+            request.headers.push(("x-amz-storage-class", class.clone()));
+        }
+        self.execute(&request, &|_| Ok(()))?;
+        Ok(())
+    }
+
+    /// HEAD of an object; `None` when absent.
+    pub fn head_object(&self, key: &str) -> Result<Option<Head>> {
+        let request = Request::new(Method::HEAD, Some(key));
+        let reply = self.execute(&request, &|_| Ok(()))?;
+        self.expect_success_or_absent(&request, reply).map(|r| {
+            r.map(|reply| Head {
+                reply_headers: reply.headers,
+            })
+        })
+    }
+
+    /// Creates the mount token only if no token object exists (`If-None-Match: *`): `false`
+    /// when someone else holds it. Atomic only on servers with atomic conditional PUTs.
+    pub fn put_mount_token_if_absent(&self, token: u32) -> Result<bool> {
+        let body = mount_token_body();
+        let key = self.mount_token_key();
+        let mut request = Request::new(Method::PUT, Some(&key));
+        request.headers = self.put_headers(body.as_bytes(), "text/plain");
+        request
+            .headers
+            .push((MOUNT_TOKEN_HEADER, format!("{token:08x}")));
+        request.headers.push(("if-none-match", "*".into()));
+        request.body = body.as_bytes();
+        request.final_statuses = &[412];
+        let reply = self.execute(&request, &|_| Ok(()))?;
+        if reply.status == 412 {
+            return Ok(false);
+        }
+        self.expect_success(&request, &reply)?;
+        Ok(true)
+    }
+
+    fn mount_token_key(&self) -> String {
+        self.opts.naming.mount_token_key()
+    }
+
+    fn expect_success(&self, request: &Request<'_>, reply: &Reply) -> Result<()> {
+        if (200..300).contains(&reply.status) {
+            Ok(())
+        } else {
+            Err(Error::Other(format!(
+                "{} {}: unexpected HTTP {}",
+                request.method,
+                request.key.unwrap_or_default(),
+                reply.status
+            )))
+        }
+    }
+
+    fn expect_success_or_absent(
+        &self,
+        request: &Request<'_>,
+        reply: Reply,
+    ) -> Result<Option<Reply>> {
+        if reply.status == 404 {
+            return Ok(None);
+        }
+        self.expect_success(request, &reply)?;
+        Ok(Some(reply))
+    }
+}
+
+/// `<hostname>\n<YYYYMMDDTHHMMSSZ>\n` (spec 5.1; informational only).
+fn mount_token_body() -> String {
+    let mut name = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or truncates.
+    let rc = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len() - 1) };
+    let host = if rc == 0 {
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        String::from_utf8_lossy(&name[..end]).into_owned()
+    } else {
+        "localhost".into()
+    };
+    let now = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
+    format!("{host}\n{now}\n")
+}
+
+impl Volume for S3Client {
+    fn description(&self) -> String {
+        self.describe()
+    }
+
+    fn detect_size(&self) -> Result<Option<SizeMeta>> {
+        let key = self.opts.naming.block_key(BlockId(0));
+        let Some(head) = self.head_object(&key)? else {
+            return Ok(None);
+        };
+        let block_size = head
+            .header(BLOCK_SIZE_HEADER)
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        let file_size = head
+            .header(FILE_SIZE_HEADER)
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        Ok(match (block_size, file_size) {
+            (Some(block_size), Some(file_size)) if block_size > 0 && file_size > 0 => {
+                Some(SizeMeta {
+                    block_size,
+                    file_size,
+                })
+            }
+            _ => None,
+        })
+    }
+
+    fn read_mount_token(&self) -> Result<Option<u32>> {
+        let Some(head) = self.head_object(&self.mount_token_key())? else {
+            return Ok(None);
+        };
+        let value = head
+            .header(MOUNT_TOKEN_HEADER)
+            .and_then(|v| u32::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0);
+        // Present without a value: a pre-1.5.0 "mounted" flag.
+        Ok(Some(if value == 0 { 1 } else { value }))
+    }
+
+    fn write_mount_token(&self, token: Option<u32>) -> Result<()> {
+        let key = self.mount_token_key();
+        match token {
+            None => self.delete_object(&key),
+            Some(token) => {
+                let body = mount_token_body();
+                let header = vec![(MOUNT_TOKEN_HEADER, format!("{token:08x}"))];
+                self.put_object(&key, body.as_bytes(), "text/plain", header)
+                    .map(|_| ())
+            }
+        }
+    }
+}
+
+/// Counters of the block-level stats lines.
+#[derive(Debug, Default)]
+struct BlockStats {
+    normal_read: Counter,
+    normal_written: Counter,
+    zero_read: Counter,
+    zero_written: Counter,
+}
+
+/// The S3 bucket as a [`BlockStore`]. Every write is synchronous, so `flush` has nothing to do.
+pub struct S3Backend {
+    client: Arc<S3Client>,
+    geometry: Geometry,
+    codec: Option<Arc<Codec>>,
+    stats: BlockStats,
+}
+
+impl S3Backend {
+    pub fn new(client: Arc<S3Client>, geometry: Geometry, codec: Option<Arc<Codec>>) -> Self {
+        S3Backend {
+            client,
+            geometry,
+            codec,
+            stats: BlockStats::default(),
+        }
+    }
+
+    pub fn client(&self) -> &Arc<S3Client> {
+        &self.client
+    }
+
+    fn check_block(&self, block: BlockId) -> Result<()> {
+        if self.geometry.contains(block) {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "block {block} is beyond the end of the disk"
+            )))
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.client.opts.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl BlockStore for S3Backend {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
+        self.check_block(block)?;
+        let block_size = self.geometry.block_size_usize();
+        let key = self.client.opts.naming.block_key(block);
+        let accept = match &self.codec {
+            Some(codec) => codec.accept_encoding(),
+            None => "deflate, zstd".to_string(),
+        };
+        let Some(fetched) = self
+            .client
+            .get_object(&key, block, &accept, max_body(block_size))?
+        else {
+            buf.fill(0);
+            self.stats.zero_read.inc();
+            return Ok(ReadInfo {
+                zero: true,
+                etag: None,
+            });
+        };
+        let data = match &self.codec {
+            Some(codec) => codec.decode(
+                block,
+                fetched.body,
+                fetched.content_encoding.as_deref(),
+                fetched.hmac_header.as_deref(),
+                block_size,
+            )?,
+            None => {
+                if let Some(encoding) = &fetched.content_encoding {
+                    return Err(Error::corrupt(
+                        block,
+                        format!(
+                            "read of block {block} returned unexpected encoding \"{encoding}\""
+                        ),
+                    ));
+                }
+                fetched.body
+            }
+        };
+        if data.len() != block_size {
+            return Err(Error::corrupt(
+                block,
+                format!(
+                    "read of block {block} returned {} != {block_size} bytes",
+                    data.len()
+                ),
+            ));
+        }
+        buf.copy_from_slice(&data);
+        self.stats.normal_read.inc();
+        Ok(ReadInfo {
+            zero: false,
+            etag: fetched.etag,
+        })
+    }
+
+    fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo> {
+        self.check_block(block)?;
+        self.check_writable()?;
+        let key = self.client.opts.naming.block_key(block);
+        let data = match data {
+            Block::Zero => {
+                self.client.delete_object(&key)?;
+                self.stats.zero_written.inc();
+                return Ok(WriteInfo { etag: None });
+            }
+            Block::Data(data) => data,
+        };
+        let encoded = self
+            .codec
+            .as_ref()
+            .map(|c| c.encode(block, data))
+            .transpose()?;
+        let (body, content_encoding, hmac) = match &encoded {
+            Some(e) => (
+                e.body.as_slice(),
+                e.content_encoding.clone(),
+                e.hmac_header.clone(),
+            ),
+            None => (data, None, None),
+        };
+        let mut headers = Vec::new();
+        if let Some(encoding) = content_encoding {
+            headers.push(("content-encoding", encoding));
+        }
+        if block.0 == 0 {
+            headers.push((BLOCK_SIZE_HEADER, self.geometry.block_size().to_string()));
+            headers.push((FILE_SIZE_HEADER, self.geometry.file_size().to_string()));
+        }
+        if let Some(hmac) = hmac {
+            headers.push((HMAC_HEADER, hmac));
+        }
+        let etag = self
+            .client
+            .put_object(&key, body, BLOCK_CONTENT_TYPE, headers)?;
+        self.stats.normal_written.inc();
+        Ok(WriteInfo { etag: Some(etag) })
+    }
+
+    fn bulk_zero(&self, blocks: &[BlockId]) -> Result<()> {
+        // Individual DELETEs in parallel (spec 2.8 allows this; the bucket format is the same).
+        const THREADS: usize = 16;
+        let chunk = blocks.len().div_ceil(THREADS).max(1);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = blocks
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .try_for_each(|&b| self.write_block(b, Block::Zero).map(|_| ()))
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| Err(Error::Other("delete thread panicked".into())))
+                })
+                .collect::<Result<Vec<()>>>()
+                .map(|_| ())
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn survey_non_zero(&self, threads: usize, found: &(dyn Fn(BlockId) + Sync)) -> Result<()> {
+        self.client
+            .survey(self.geometry.num_blocks(), threads, found)
+    }
+
+    fn stats(&self, report: &mut StatsReport) {
+        report.add("http_normal_blocks_read", self.stats.normal_read.get());
+        report.add(
+            "http_normal_blocks_written",
+            self.stats.normal_written.get(),
+        );
+        report.add("http_zero_blocks_read", self.stats.zero_read.get());
+        report.add("http_zero_blocks_written", self.stats.zero_written.get());
+        self.client.stats.report(report);
+    }
+
+    fn reset_stats(&self) {
+        for c in [
+            &self.stats.normal_read,
+            &self.stats.normal_written,
+            &self.stats.zero_read,
+            &self.stats.zero_written,
+        ] {
+            c.reset();
+        }
+        self.client.stats.reset();
+    }
+}

@@ -1,0 +1,132 @@
+//! Shared fixtures of the integration tests: a local S3 server (s3s-fs) on a random loopback
+//! port with its own temp data dir, stopped by PID and removed on drop.
+
+#![allow(dead_code)]
+
+pub mod mount;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ACCESS_KEY: &str = "testkey";
+pub const SECRET_KEY: &str = "testsecret";
+
+/// Where scripts/install-deps.sh installs the s3s-fs binary.
+pub fn s3s_fs_binary() -> PathBuf {
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let path = Path::new(&home).join(".cache/s3backer-rs/s3s-fs/bin/s3s-fs");
+    assert!(
+        path.exists(),
+        "the S3 test server is missing at {}: run scripts/install-deps.sh",
+        path.display()
+    );
+    path
+}
+
+/// A running s3s-fs; buckets are directories under `data_dir()`.
+pub struct S3Server {
+    child: Option<Child>,
+    port: u16,
+    temp: tempfile::TempDir,
+}
+
+impl S3Server {
+    /// Starts a server with the given buckets (created as directories before the start).
+    pub fn start(buckets: &[&str]) -> S3Server {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let data = temp.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        for bucket in buckets {
+            std::fs::create_dir(data.join(bucket)).unwrap();
+        }
+        let mut server = S3Server {
+            child: None,
+            port: 0,
+            temp,
+        };
+        // A free port can be taken by someone else before the server binds it: try a few.
+        for _ in 0..5 {
+            if server.try_start() {
+                return server;
+            }
+        }
+        panic!("s3s-fs did not start; see {}", server.log_path().display());
+    }
+
+    fn try_start(&mut self) -> bool {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(s3s_fs_binary())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(self.data_dir())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn s3s-fs");
+        self.child = Some(child);
+        self.port = port;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.as_mut().unwrap().try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        false
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT/`, the `--baseURL` of the server.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/", self.endpoint())
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.temp.path().join("data")
+    }
+
+    pub fn bucket_dir(&self, bucket: &str) -> PathBuf {
+        self.data_dir().join(bucket)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.temp.path().join("s3s-fs.log")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the server (by its PID); the data dir stays until drop.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
