@@ -6,10 +6,13 @@ use std::sync::Arc;
 
 use crate::admin;
 use crate::backend::dir::DirBackend;
+use crate::backend::s3::{S3Backend, S3Client, S3Options};
 use crate::config::Config;
 use crate::daemon::Readiness;
 use crate::frontend::fuse::{self, FuseOptions};
 use crate::geometry::Geometry;
+use crate::layer::block_cache::{BlockCache, BlockCacheOptions};
+use crate::layer::codec::{Codec, CodecConfig, Encryption};
 use crate::layer::zero_cache::ZeroCache;
 use crate::naming::Naming;
 use crate::store::{BlockStore, Volume};
@@ -48,8 +51,16 @@ impl Stack {
                 geometry,
             });
         }
-        let _ = password;
-        Err("S3 backend not merged yet".to_string())
+        let client =
+            Arc::new(S3Client::new(s3_options(config, naming)).map_err(|e| e.to_string())?);
+        let geometry = volume::resolve_geometry(client.as_ref(), request)?;
+        let codec = codec_for(config, password)?;
+        let backend = Arc::new(S3Backend::new(client.clone(), geometry, codec));
+        Ok(Stack {
+            volume: client,
+            backend,
+            geometry,
+        })
     }
 
     pub fn erase(&self, config: &Config) -> Result<(), String> {
@@ -127,12 +138,31 @@ impl Stack {
         }
     }
 
-    /// The layers above the backend for a mount: the zero cache (unless shared-disk mode).
+    /// The layers above the backend for a mount (spec 6.1): zero cache over block cache.
+    /// Shared-disk mode caches nothing: other hosts write the same blocks.
     fn layers(&self, config: &Config) -> Arc<dyn BlockStore> {
         if config.shared_disk_mode {
             return self.backend.clone();
         }
-        let zero_cache = Arc::new(ZeroCache::new(self.backend.clone()));
+        let mut store = self.backend.clone();
+        if config.block_cache_size > 0 {
+            store = BlockCache::new(
+                store,
+                BlockCacheOptions {
+                    size: config.block_cache_size as usize,
+                    threads: config.block_cache_threads as usize,
+                    write_delay: config.block_cache_write_delay,
+                    max_dirty: config.block_cache_max_dirty as usize,
+                    timeout: config.block_cache_timeout,
+                    sync: config.block_cache_sync,
+                    num_protected: config.block_cache_num_protected,
+                    read_ahead: config.read_ahead,
+                    read_ahead_trigger: config.read_ahead_trigger,
+                    ..BlockCacheOptions::default()
+                },
+            );
+        }
+        let zero_cache = Arc::new(ZeroCache::new(store));
         if config.list_blocks {
             zero_cache.start_survey(config.list_blocks_threads as usize);
         }
@@ -146,6 +176,58 @@ impl Stack {
 
 /// FUSE dispatch threads: each blocks on one request while the stack below works in parallel.
 const FUSE_THREADS: usize = 16;
+
+fn s3_options(config: &Config, naming: Naming) -> S3Options {
+    S3Options {
+        base_url: config.base_url.clone(),
+        bucket: config.bucket.clone(),
+        naming,
+        vhost: config.vhost,
+        region: config.region.clone(),
+        auth_version: config.auth_version,
+        access_id: config.access_id.clone(),
+        access_key: config.access_key.as_ref().map(|k| k.expose().to_string()),
+        access_key_env: config.access_key_env.clone(),
+        access_file: config.access_file.clone(),
+        ec2_iam_role: config.access_ec2_iam.clone(),
+        imds_v2: config.imds_v2,
+        timeout: config.timeout,
+        initial_retry_pause: config.initial_retry_pause,
+        max_retry_pause: config.max_retry_pause,
+        access_type: config.access_type.clone(),
+        storage_class: config.storage_class.clone(),
+        sse: config.sse.clone(),
+        sse_key_id: config.sse_key_id.clone(),
+        cacert: config.cacert.clone(),
+        insecure: config.insecure,
+        no_connection_reuse: config.no_connection_reuse,
+        debug_http: config.debug_http,
+        read_only: config.read_only,
+        ..S3Options::default()
+    }
+}
+
+fn codec_for(config: &Config, password: Option<String>) -> Result<Option<Arc<Codec>>, String> {
+    if config.compression.is_none() && config.cipher.is_none() {
+        return Ok(None);
+    }
+    let encryption = match (config.cipher, password) {
+        (Some(cipher), Some(password)) => Some(Encryption {
+            cipher,
+            password,
+            key_length: config.key_length,
+            salt: format!("{}/{}", config.bucket, config.prefix),
+        }),
+        _ => None,
+    };
+    let codec = Codec::new(CodecConfig {
+        compression: config.compression.clone(),
+        encryption,
+        default_content_encoding: config.default_content_encoding.clone(),
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(Some(Arc::new(codec)))
+}
 
 /// Test mode has no metadata object: sizing always falls back to the flags.
 struct NoMetadata {

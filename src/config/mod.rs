@@ -55,12 +55,7 @@ pub enum Mode {
     ResetMountedFlag,
 }
 
-/// Request signing (`--authVersion`).
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum AuthVersion {
-    Aws2,
-    Aws4,
-}
+pub use crate::backend::s3::AuthVersion;
 
 /// A password or secret key: never shown by `Debug`, so it cannot leak into logs.
 #[derive(Clone, PartialEq, Eq)]

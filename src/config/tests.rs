@@ -1011,7 +1011,11 @@ fn parse_size_is_exact() {
 
 #[test]
 fn block_cache_and_read_ahead_flags_are_taken() {
-    let c = mount(&["--blockCacheSize=500", "--readAhead=8", "--blockCacheWriteDelay=0"]);
+    let c = mount(&[
+        "--blockCacheSize=500",
+        "--readAhead=8",
+        "--blockCacheWriteDelay=0",
+    ]);
     assert_eq!(c.block_cache_size, 500);
     assert_eq!(c.read_ahead, 8);
     assert_eq!(c.block_cache_write_delay, std::time::Duration::ZERO);

@@ -369,6 +369,10 @@ impl Volume for S3Client {
             }
         }
     }
+
+    fn create_mount_token(&self, token: u32) -> Result<bool> {
+        self.put_mount_token_if_absent(token)
+    }
 }
 
 /// Counters of the block-level stats lines.
