@@ -125,6 +125,20 @@ where
     }
 }
 
+/// KEY and IVKEY of spec 4.3, both `key_len` bytes.
+fn derive_keys(password: &str, salt: &str, key_len: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut key = vec![0u8; key_len];
+    pbkdf2::pbkdf2_hmac::<Sha1>(
+        password.as_bytes(),
+        salt.as_bytes(),
+        PBKDF2_ROUNDS,
+        &mut key,
+    );
+    let mut iv_key = vec![0u8; key_len];
+    pbkdf2::pbkdf2_hmac::<Sha1>(&key, &key, PBKDF2_ROUNDS, &mut iv_key);
+    (key, iv_key)
+}
+
 /// Keys derived once from the password; encrypts, decrypts and signs block bodies.
 pub(super) struct BlockCrypto {
     cipher: Cipher,
@@ -150,16 +164,7 @@ impl BlockCrypto {
                 cipher.canonical_name()
             )));
         }
-        let mut key = vec![0u8; key_len];
-        pbkdf2::pbkdf2_hmac::<Sha1>(
-            config.password.as_bytes(),
-            config.salt.as_bytes(),
-            PBKDF2_ROUNDS,
-            &mut key,
-        );
-        let mut iv_key = vec![0u8; key_len];
-        pbkdf2::pbkdf2_hmac::<Sha1>(&key, &key, PBKDF2_ROUNDS, &mut iv_key);
-
+        let (key, iv_key) = derive_keys(&config.password, &config.salt, key_len);
         let mut iv_mask = [0u8; CIPHER_BLOCK_LEN];
         iv_mask.copy_from_slice(&iv_key[..CIPHER_BLOCK_LEN]);
         Ok(BlockCrypto {
@@ -240,4 +245,237 @@ pub(super) fn parse_tag_header(value: &str) -> Option<Tag> {
     let mut tag = [0u8; 20];
     hex::decode_to_slice(digits, &mut tag).ok()?;
     Some(tag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::prelude::{BASE64_STANDARD, Engine as _};
+    use md5::{Digest as _, Md5};
+
+    const PASSWORD: &str = "password";
+
+    fn crypto(cipher: Cipher, salt: &str) -> BlockCrypto {
+        BlockCrypto::new(&Encryption {
+            cipher,
+            password: PASSWORD.into(),
+            key_length: 0,
+            salt: salt.into(),
+        })
+        .unwrap()
+    }
+
+    fn unhex(text: &str) -> Vec<u8> {
+        hex::decode(text).unwrap()
+    }
+
+    fn content_md5(body: &[u8]) -> String {
+        BASE64_STANDARD.encode(Md5::digest(body))
+    }
+
+    #[test]
+    fn cipher_names_parse_case_insensitively() {
+        assert_eq!(Cipher::from_name("aes-128-cbc"), Some(Cipher::Aes128Cbc));
+        assert_eq!(Cipher::from_name("AES-192-CBC"), Some(Cipher::Aes192Cbc));
+        assert_eq!(Cipher::from_name("Aes-256-Cbc"), Some(Cipher::Aes256Cbc));
+        assert_eq!(Cipher::from_name("aes256"), None);
+        assert_eq!(Cipher::from_name("AES-128-ECB"), None);
+        assert_eq!(Cipher::Aes192Cbc.native_key_len(), 24);
+    }
+
+    #[test]
+    fn spec_11_2_key_derivation_aes128() {
+        let (key, iv_key) = derive_keys(PASSWORD, "mybucket/", 16);
+        assert_eq!(hex::encode(key), "7cdd755be4fd90db79fd27d99f1f3cbd");
+        assert_eq!(hex::encode(iv_key), "82849858ec20fd02815fea709b84c1e8");
+
+        let (key, iv_key) = derive_keys(PASSWORD, "mybucket/vm1/", 16);
+        assert_eq!(hex::encode(key), "2a31f297533a065b92ad75ec3a7c66e8");
+        assert_eq!(hex::encode(iv_key), "cb3ef977c32fbe9ed9b8893a44ed50f7");
+    }
+
+    #[test]
+    fn spec_11_2_key_derivation_and_iv_aes256() {
+        let (key, iv_key) = derive_keys(PASSWORD, "mybucket/", 32);
+        assert_eq!(
+            hex::encode(key),
+            "7cdd755be4fd90db79fd27d99f1f3cbd1ad44a6a5e80c6163f8882d55f4c6dc7"
+        );
+        assert_eq!(
+            hex::encode(iv_key),
+            "dd002b5f58ec4607d51be7fae151e3a51d77840ec23905b679576b67f3d8de11"
+        );
+        let crypto = crypto(Cipher::Aes256Cbc, "mybucket/");
+        assert_eq!(
+            hex::encode(crypto.iv(BlockId(0))),
+            "bd9ca1fb5abc94742cc22d50b6e8c20a"
+        );
+    }
+
+    #[test]
+    fn spec_11_3_per_block_iv() {
+        let plain = crypto(Cipher::Aes128Cbc, "mybucket/");
+        assert_eq!(
+            hex::encode(plain.iv(BlockId(0))),
+            "2c374e2e2b9547ff445a86e72dc1f330"
+        );
+        assert_eq!(
+            hex::encode(plain.iv(BlockId(0x1234))),
+            "2ee2e117c0780a5989f8f883e26548ce"
+        );
+        let prefixed = crypto(Cipher::Aes128Cbc, "mybucket/vm1/");
+        assert_eq!(
+            hex::encode(prefixed.iv(BlockId(0))),
+            "c61a033517fdefcd155b1f990a679a16"
+        );
+        assert_eq!(
+            hex::encode(prefixed.iv(BlockId(0x1234))),
+            "4f16f9665736ccecac5c86988159dd68"
+        );
+    }
+
+    /// The fixed zlib stream of 4096 bytes of 0x01 from spec 11.4.
+    const SPEC_COMPRESSED: &str = "789cedc1010d000000c2a0bd7f697b38a00000008077031f801001";
+
+    #[test]
+    fn spec_11_4_ciphertext_hmac_and_content_md5() {
+        let crypto = crypto(Cipher::Aes128Cbc, "mybucket/");
+        let cases = [
+            (
+                0,
+                "545e3bf5f58224a76ab62d95c0b228faed93fcc25163f01af389d6adcedbfd04",
+                "\"1d44732232dadb299a8b835e875da0fb6fe4a405\"",
+                "HKYkgNksTZwH6uGPU1SRFg==",
+            ),
+            (
+                0x1234,
+                "7ed17a044bf445f73a912b789a2f911688e0127e5dadb218fade66e721a740c8",
+                "\"b5500d52aa61d796f23c0775562024c08090abec\"",
+                "m+ip0kKNc9m6Mibo6ywcrg==",
+            ),
+        ];
+        for (block, ciphertext, hmac_header, md5) in cases {
+            let mut body = unhex(SPEC_COMPRESSED);
+            let tag = crypto.encrypt(BlockId(block), &mut body);
+            assert_eq!(hex::encode(&body), ciphertext, "block {block:#x}");
+            assert_eq!(format_tag_header(&tag), hmac_header, "block {block:#x}");
+            assert_eq!(content_md5(&body), md5, "block {block:#x}");
+
+            crypto
+                .decrypt(
+                    BlockId(block),
+                    &mut body,
+                    &parse_tag_header(hmac_header).unwrap(),
+                )
+                .unwrap();
+            assert_eq!(body, unhex(SPEC_COMPRESSED));
+        }
+    }
+
+    #[test]
+    fn spec_11_5_encryption_without_compression() {
+        let crypto = crypto(Cipher::Aes128Cbc, "mybucket/");
+        let plain: Vec<u8> = (1..=32).collect();
+        let mut body = plain.clone();
+        let tag = crypto.encrypt(BlockId(0x1234), &mut body);
+        assert_eq!(
+            hex::encode(&body),
+            "8578a7cb4fa77f40972f5e8d0c8405fa2cbf20db501f357ba515156940226e32\
+             fc1bd0206b0848bfd84f659bb292da26"
+        );
+        assert_eq!(hex::encode(tag), "7dde8fc7f4bfa3b5c6271b356551c3a78c2d7985");
+        crypto.decrypt(BlockId(0x1234), &mut body, &tag).unwrap();
+        assert_eq!(body, plain);
+    }
+
+    #[test]
+    fn key_length_longer_than_native_keys_the_hmac_with_all_bytes() {
+        let long = BlockCrypto::new(&Encryption {
+            cipher: Cipher::Aes128Cbc,
+            password: PASSWORD.into(),
+            key_length: 32,
+            salt: "mybucket/".into(),
+        })
+        .unwrap();
+        let native = crypto(Cipher::Aes128Cbc, "mybucket/");
+        let mut long_body = unhex(SPEC_COMPRESSED);
+        let mut native_body = long_body.clone();
+        let long_tag = long.encrypt(BlockId(0), &mut long_body);
+        let native_tag = native.encrypt(BlockId(0), &mut native_body);
+        // KEY[0..16] is the same (PBKDF2 prefix property) but IVKEY and the HMAC key differ.
+        assert_ne!(long_body, native_body);
+        assert_ne!(long_tag, native_tag);
+        long.decrypt(BlockId(0), &mut long_body, &long_tag).unwrap();
+        assert_eq!(long_body, unhex(SPEC_COMPRESSED));
+    }
+
+    #[test]
+    fn key_length_out_of_range_is_rejected() {
+        for key_length in [8, 15, 65] {
+            let result = BlockCrypto::new(&Encryption {
+                cipher: Cipher::Aes128Cbc,
+                password: PASSWORD.into(),
+                key_length,
+                salt: "mybucket/".into(),
+            });
+            assert!(
+                matches!(&result, Err(Error::Invalid(msg)) if msg.contains("key length")),
+                "key length {key_length}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_padding_after_good_signature_is_corrupt_not_a_panic() {
+        let crypto = crypto(Cipher::Aes128Cbc, "mybucket/");
+        // 16 zero bytes encrypt to two blocks; the first alone decrypts to a block ending in 0x00,
+        // which is not valid PKCS#7.
+        let mut body = vec![0u8; 16];
+        crypto.encrypt(BlockId(7), &mut body);
+        body.truncate(16);
+        let tag: Tag = crypto.tag(BlockId(7), &body).finalize().into_bytes().into();
+        let err = crypto.decrypt(BlockId(7), &mut body, &tag).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { block: BlockId(7), msg } if msg.contains("padding")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn partial_cipher_block_after_good_signature_is_corrupt() {
+        let crypto = crypto(Cipher::Aes128Cbc, "mybucket/");
+        for len in [0, 5, 31] {
+            let mut body = vec![0x5a; len];
+            let tag: Tag = crypto.tag(BlockId(3), &body).finalize().into_bytes().into();
+            let err = crypto.decrypt(BlockId(3), &mut body, &tag).unwrap_err();
+            assert!(
+                matches!(&err, Error::Corrupt { msg, .. } if msg.contains("whole number")),
+                "len {len}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn hmac_header_parsing_follows_c_rules() {
+        let digits = "1d44732232dadb299a8b835e875da0fb6fe4a405";
+        let expected: Tag = unhex(digits).try_into().unwrap();
+        for good in [
+            format!("\"{digits}\""),
+            format!("  \t\"{digits}\""),
+            format!("\"{}\"", digits.to_uppercase()),
+            format!("\"{digits}-trailing"),
+        ] {
+            assert_eq!(parse_tag_header(&good), Some(expected), "{good:?}");
+        }
+        for bad in [
+            digits.to_string(),
+            format!("\"{}\"", &digits[..39]),
+            format!("\"{}g\"", &digits[..39]),
+            String::new(),
+            "\"".to_string(),
+            format!("x\"{digits}\""),
+        ] {
+            assert_eq!(parse_tag_header(&bad), None, "{bad:?}");
+        }
+    }
 }
