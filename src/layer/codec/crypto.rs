@@ -139,7 +139,8 @@ fn derive_keys(password: &str, salt: &str, key_len: usize) -> (Vec<u8>, Vec<u8>)
     (key, iv_key)
 }
 
-/// Keys derived once from the password; encrypts, decrypts and signs block bodies.
+/// Keys derived once from the password (cloning copies them; it does not derive again); encrypts, decrypts and signs block bodies.
+#[derive(Clone)]
 pub(super) struct BlockCrypto {
     cipher: Cipher,
     data_key: AesKey,
@@ -183,8 +184,7 @@ impl BlockCrypto {
     /// IV = CBC-encrypt(IVKEY, iv = IVKEY[0..16], HEX8(n) + 8 zero bytes), one block, no padding.
     fn iv(&self, block: BlockId) -> [u8; CIPHER_BLOCK_LEN] {
         let mut iv = self.iv_mask;
-        let hex = block.hex8();
-        for (byte, digit) in iv.iter_mut().zip(hex.as_bytes()) {
+        for (byte, digit) in iv.iter_mut().zip(hex8(block)) {
             *byte ^= digit;
         }
         self.iv_key.encrypt_block(&mut iv);
@@ -193,7 +193,7 @@ impl BlockCrypto {
 
     fn tag(&self, block: BlockId, ciphertext: &[u8]) -> Hmac<Sha1> {
         let mut mac = self.mac.clone();
-        mac.update(block.hex8().as_bytes());
+        mac.update(&hex8(block));
         mac.update(self.cipher.canonical_name().as_bytes());
         mac.update(ciphertext);
         mac
@@ -231,6 +231,16 @@ impl BlockCrypto {
         }
         Ok(())
     }
+}
+
+/// `BlockId::hex8` without its heap allocation, which would run twice per block here.
+fn hex8(block: BlockId) -> [u8; 8] {
+    let mut digits = [0u8; 8];
+    for (index, digit) in digits.iter_mut().enumerate() {
+        let nibble = (block.0 >> (28 - 4 * index)) & 0xf;
+        *digit = b"0123456789abcdef"[nibble as usize];
+    }
+    digits
 }
 
 /// The `x-amz-meta-s3backer-hmac` value for a tag: 40 lowercase hex digits in double quotes.
@@ -271,6 +281,13 @@ mod tests {
 
     fn content_md5(body: &[u8]) -> String {
         BASE64_STANDARD.encode(Md5::digest(body))
+    }
+
+    #[test]
+    fn hex8_matches_block_id_formatting() {
+        for block in [0, 1, 0x1234, 0xdead_beef, u32::MAX] {
+            assert_eq!(hex8(BlockId(block)), BlockId(block).hex8().as_bytes());
+        }
     }
 
     #[test]
