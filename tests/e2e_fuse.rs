@@ -155,11 +155,11 @@ fn fstrim_deletes_objects_of_freed_blocks() {
     {
         let ext4 = LoopMount::new(&mount.file(), "discard");
         std::fs::write(ext4.dir.join("big"), common::mount::pseudo_random(1, 8 << 20)).unwrap();
-        common::mount::run(Command::new("sync"));
+        common::mount::run(&mut Command::new("sync"));
         let with_file = count();
         std::fs::remove_file(ext4.dir.join("big")).unwrap();
         common::mount::run(Command::new("fstrim").arg(&ext4.dir));
-        common::mount::run(Command::new("sync"));
+        common::mount::run(&mut Command::new("sync"));
         let after = count();
         println!("objects with an 8 MiB file: {with_file}, after rm + fstrim: {after}");
         assert!(with_file >= after + 100, "{with_file} -> {after}");
