@@ -3,7 +3,7 @@
 use s3backer::config::{self, Command, Config, Mode};
 use s3backer::daemon::{self, Readiness};
 use s3backer::logging::{self, Verbosity};
-use s3backer::stack::Stack;
+use s3backer::stack::{self, Stack};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -52,10 +52,9 @@ fn run(config: &Config) -> Result<(), String> {
     } else {
         Readiness::foreground()
     };
-    let stack = Stack::open(config, password)?;
     match config.mode {
-        Mode::Erase => stack.erase(config),
-        Mode::ResetMountedFlag => stack.reset_mounted_flag(config),
-        Mode::Mount => stack.mount(config, &mut readiness),
+        Mode::ResetMountedFlag => stack::reset_mounted_flag(config),
+        Mode::Erase => Stack::open(config, password)?.erase(config),
+        Mode::Mount => Stack::open(config, password)?.mount(config, &mut readiness),
     }
 }

@@ -25,10 +25,45 @@ pub struct Stack {
     geometry: Geometry,
 }
 
+/// The bucket's metadata side (size headers, mount token), usable before the geometry is known.
+enum Place {
+    S3(Arc<S3Client>),
+    Dir(PathBuf),
+}
+
+impl Place {
+    fn open(config: &Config) -> Result<Place, String> {
+        if config.test_mode {
+            return Ok(Place::Dir(PathBuf::from(&config.bucket)));
+        }
+        let client =
+            S3Client::new(s3_options(config, naming(config))).map_err(|e| e.to_string())?;
+        Ok(Place::S3(Arc::new(client)))
+    }
+
+    fn volume(&self, config: &Config) -> Arc<dyn Volume> {
+        match self {
+            Place::S3(client) => client.clone(),
+            Place::Dir(dir) => Arc::new(NoMetadata {
+                description: format!("file://{}/{}", dir.display(), config.prefix),
+            }),
+        }
+    }
+}
+
+fn naming(config: &Config) -> Naming {
+    Naming::new(config.prefix.clone(), config.block_hash_prefix)
+}
+
+/// `--reset-mounted-flag`: needs neither the disk size nor a password.
+pub fn reset_mounted_flag(config: &Config) -> Result<(), String> {
+    let volume = Place::open(config)?.volume(config);
+    admin::reset::run(volume.as_ref(), config.quiet)
+}
+
 impl Stack {
     /// Connects to the bucket (or directory), detects or checks the disk size, and builds the backend.
     pub fn open(config: &Config, password: Option<String>) -> Result<Stack, String> {
-        let naming = Naming::new(config.prefix.clone(), config.block_hash_prefix);
         let request = SizeRequest {
             block_size: config.block_size,
             size: config.size,
@@ -37,27 +72,20 @@ impl Stack {
             test_mode: config.test_mode,
             quiet: config.quiet,
         };
-        if config.test_mode {
-            let dir = PathBuf::from(&config.bucket);
-            let probe = NoMetadata {
-                description: format!("file://{}/{}", dir.display(), config.prefix),
-            };
-            let geometry = volume::resolve_geometry(&probe, request)?;
-            let backend =
-                Arc::new(DirBackend::new(dir, naming, geometry).map_err(|e| e.to_string())?);
-            return Ok(Stack {
-                volume: backend.clone(),
-                backend,
-                geometry,
-            });
-        }
-        let client =
-            Arc::new(S3Client::new(s3_options(config, naming)).map_err(|e| e.to_string())?);
-        let geometry = volume::resolve_geometry(client.as_ref(), request)?;
-        let codec = codec_for(config, password)?;
-        let backend = Arc::new(S3Backend::new(client.clone(), geometry, codec));
+        let place = Place::open(config)?;
+        let volume = place.volume(config);
+        let geometry = volume::resolve_geometry(volume.as_ref(), request)?;
+        let backend: Arc<dyn BlockStore> = match place {
+            Place::Dir(dir) => {
+                Arc::new(DirBackend::new(dir, naming(config), geometry).map_err(|e| e.to_string())?)
+            }
+            Place::S3(client) => {
+                let codec = codec_for(config, password)?;
+                Arc::new(S3Backend::new(client, geometry, codec))
+            }
+        };
         Ok(Stack {
-            volume: client,
+            volume,
             backend,
             geometry,
         })
@@ -73,10 +101,6 @@ impl Stack {
         admin::erase::run(self.backend.as_ref(), self.volume.as_ref(), options)
             .map(|_| ())
             .map_err(|e| e.to_string())
-    }
-
-    pub fn reset_mounted_flag(&self, config: &Config) -> Result<(), String> {
-        admin::reset::run(self.volume.as_ref(), config.quiet).map_err(|e| e.to_string())
     }
 
     /// Mounts the FUSE file and serves until unmounted; then flushes and clears the mount token.

@@ -35,7 +35,11 @@ fn write_with(writer: &Path, reader: &Path, kind: &[&str]) {
         write_tree(&ext4.dir, 11, 24)
     };
     let done = mount.unmount();
-    assert!(done.status.success(), "writer exited badly:\n{}", done.stderr);
+    assert!(
+        done.status.success(),
+        "writer exited badly:\n{}",
+        done.stderr
+    );
 
     let mount = FuseMount::start(reader, &args(&server, kind, false), BUCKET);
     {
@@ -44,8 +48,14 @@ fn write_with(writer: &Path, reader: &Path, kind: &[&str]) {
     }
     assert_fsck_clean(&mount.file());
     let done = mount.unmount();
-    assert!(done.status.success(), "reader exited badly:\n{}", done.stderr);
-    let objects = std::fs::read_dir(server.bucket_dir(BUCKET)).unwrap().count();
+    assert!(
+        done.status.success(),
+        "reader exited badly:\n{}",
+        done.stderr
+    );
+    let objects = std::fs::read_dir(server.bucket_dir(BUCKET))
+        .unwrap()
+        .count();
     println!(
         "{} -> {} {kind:?}: {} files verified, {objects} objects",
         writer.display(),
@@ -69,6 +79,14 @@ macro_rules! both_ways {
 }
 
 both_ways!(plain_c_to_ours, plain_ours_to_c, &[]);
-both_ways!(hash_prefix_c_to_ours, hash_prefix_ours_to_c, &["--blockHashPrefix"]);
+both_ways!(
+    hash_prefix_c_to_ours,
+    hash_prefix_ours_to_c,
+    &["--blockHashPrefix"]
+);
 both_ways!(deflate_c_to_ours, deflate_ours_to_c, &["--compress"]);
-both_ways!(encrypted_c_to_ours, encrypted_ours_to_c, &["--encrypt", "--password=s3cret pass"]);
+both_ways!(
+    encrypted_c_to_ours,
+    encrypted_ours_to_c,
+    &["--encrypt", "--password=s3cret pass"]
+);

@@ -35,7 +35,11 @@ fn ext4_round_trip(first: &[String], second: &[String], bucket: &str) -> usize {
         tree
     };
     let done = mount.unmount();
-    assert!(done.status.success(), "first mount exited badly:\n{}", done.stderr);
+    assert!(
+        done.status.success(),
+        "first mount exited badly:\n{}",
+        done.stderr
+    );
 
     let mount = FuseMount::start(&ours(), second, bucket);
     {
@@ -44,7 +48,11 @@ fn ext4_round_trip(first: &[String], second: &[String], bucket: &str) -> usize {
     }
     assert_fsck_clean(&mount.file());
     let done = mount.unmount();
-    assert!(done.status.success(), "second mount exited badly:\n{}", done.stderr);
+    assert!(
+        done.status.success(),
+        "second mount exited badly:\n{}",
+        done.stderr
+    );
     tree.len()
 }
 
@@ -55,7 +63,9 @@ fn ext4_on_s3_survives_remount() {
     // The second mount auto-detects the size from block 0.
     let second = s3_args(&server, &["--listBlocks"]);
     let files = ext4_round_trip(&first, &second, BUCKET);
-    let objects = std::fs::read_dir(server.bucket_dir(BUCKET)).unwrap().count();
+    let objects = std::fs::read_dir(server.bucket_dir(BUCKET))
+        .unwrap()
+        .count();
     println!("verified {files} files; {objects} objects in the bucket");
     assert!(objects > 10);
 }
@@ -67,7 +77,10 @@ fn ext4_on_s3_with_compression_and_encryption() {
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "correct horse\n").unwrap();
     let pw_flag = format!("--passwordFile={}", pw.display());
-    let first = s3_args(&server, &["--size=128m", "--blockSize=16k", "--encrypt", &pw_flag]);
+    let first = s3_args(
+        &server,
+        &["--size=128m", "--blockSize=16k", "--encrypt", &pw_flag],
+    );
     let second = s3_args(&server, &["--encrypt", &pw_flag, "--compress=zstd"]);
     ext4_round_trip(&first, &second, BUCKET);
 }
@@ -84,7 +97,12 @@ fn ext4_on_directory_store_survives_remount() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(!names.is_empty());
-    assert!(names.iter().all(|n| n.len() == 8 && u32::from_str_radix(n, 16).is_ok()), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.len() == 8 && u32::from_str_radix(n, 16).is_ok()),
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -97,17 +115,21 @@ fn second_mount_is_refused_until_forced_or_reset() {
             .err()
             .expect("a second mount must be refused");
         assert_eq!(refused.status.code(), Some(1));
-        assert!(refused.stderr.contains("appears to be already mounted"), "{}", refused.stderr);
-        assert!(refused.stderr.contains("--reset-mounted-flag"), "{}", refused.stderr);
+        assert!(
+            refused.stderr.contains("appears to be already mounted"),
+            "{}",
+            refused.stderr
+        );
+        assert!(
+            refused.stderr.contains("--reset-mounted-flag"),
+            "{}",
+            refused.stderr
+        );
     };
 
     let first = FuseMount::start(&ours(), &args, BUCKET);
     assert!(token.exists());
     assert_refused();
-    let mut forced_args = args.clone();
-    forced_args.push("--force".to_string());
-    let forced = FuseMount::start(&ours(), &forced_args, BUCKET);
-    assert!(forced.unmount().status.success());
 
     // A crashed process leaves its token behind; the next mount is refused until reset.
     first.crash();
@@ -123,9 +145,14 @@ fn second_mount_is_refused_until_forced_or_reset() {
     assert!(stderr.contains("resetting mount token"), "{stderr}");
     assert!(!token.exists());
 
-    let again = FuseMount::start(&ours(), &args, BUCKET);
-    assert!(token.exists());
-    assert!(again.unmount().status.success());
+    // Or the stale token is overridden with --force; the forced mount then owns it.
+    FuseMount::start(&ours(), &args, BUCKET).crash();
+    assert_refused();
+    let mut forced_args = args.clone();
+    forced_args.push("--force".to_string());
+    let forced = FuseMount::start(&ours(), &forced_args, BUCKET);
+    assert!(forced.stderr().contains("--force"), "{}", forced.stderr());
+    assert!(forced.unmount().status.success());
     assert!(!token.exists(), "a clean unmount deletes the token");
 }
 
@@ -139,10 +166,16 @@ fn wrong_credentials_fail_with_a_clear_error() {
         "--maxRetryPause=1000".to_string(),
         "--size=16m".to_string(),
     ];
-    let failed = FuseMount::try_start(&ours(), &args, BUCKET).err().expect("mount must fail");
+    let failed = FuseMount::try_start(&ours(), &args, BUCKET)
+        .err()
+        .expect("mount must fail");
     assert_eq!(failed.status.code(), Some(1));
     let err = failed.stderr.to_lowercase();
-    assert!(err.contains("denied") || err.contains("forbidden"), "{}", failed.stderr);
+    assert!(
+        err.contains("denied") || err.contains("forbidden"),
+        "{}",
+        failed.stderr
+    );
 }
 
 #[test]
@@ -151,15 +184,33 @@ fn fstrim_deletes_objects_of_freed_blocks() {
     let args = s3_args(&server, &["--size=64m", "--blockSize=64k"]);
     let mount = FuseMount::start(&ours(), &args, BUCKET);
     mkfs_ext4(&mount.file());
-    let count = || std::fs::read_dir(server.bucket_dir(BUCKET)).unwrap().count();
+    let count = || {
+        std::fs::read_dir(server.bucket_dir(BUCKET))
+            .unwrap()
+            .count()
+    };
     {
         let ext4 = LoopMount::new(&mount.file(), "discard");
-        std::fs::write(ext4.dir.join("big"), common::mount::pseudo_random(1, 8 << 20)).unwrap();
+        // fsync of the FUSE file is the barrier: everything written before is in the bucket.
+        let barrier = || {
+            std::fs::File::open(mount.file())
+                .unwrap()
+                .sync_all()
+                .unwrap()
+        };
+        std::fs::write(
+            ext4.dir.join("big"),
+            common::mount::pseudo_random(1, 8 << 20),
+        )
+        .unwrap();
         common::mount::run(&mut Command::new("sync"));
+        barrier();
         let with_file = count();
         std::fs::remove_file(ext4.dir.join("big")).unwrap();
-        common::mount::run(Command::new("fstrim").arg(&ext4.dir));
+        // ext4 frees the file's blocks at its next journal commit; only then can they be trimmed.
         common::mount::run(&mut Command::new("sync"));
+        common::mount::run(Command::new("fstrim").arg(&ext4.dir));
+        barrier();
         let after = count();
         println!("objects with an 8 MiB file: {with_file}, after rm + fstrim: {after}");
         assert!(with_file >= after + 100, "{with_file} -> {after}");
@@ -175,7 +226,11 @@ fn mount_fuse3_with_fstab_style_options() {
     let server = S3Server::start(&[BUCKET]);
     let mnt = tempfile::tempdir().unwrap();
     let bin_dir = ours().parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let options = format!(
         "baseURL={},accessId=testkey,accessKey=testsecret,size=32m,blockSize=64k,filename=disk,_netdev,noatime",
         server.base_url()

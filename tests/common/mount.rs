@@ -127,7 +127,10 @@ impl FuseMount {
     /// `umount`s the FUSE file system and waits (bounded) for the process to flush and exit.
     pub fn unmount(mut self) -> Finished {
         if is_mounted(&self.mount_point) {
-            let out = Command::new("umount").arg(&self.mount_point).output().unwrap();
+            let out = Command::new("umount")
+                .arg(&self.mount_point)
+                .output()
+                .unwrap();
             assert!(
                 out.status.success(),
                 "umount failed: {}",
@@ -142,7 +145,10 @@ impl FuseMount {
         let mut child = self.child.take().expect("process already finished");
         let _ = child.kill();
         let _ = child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mount_point).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount_point)
+            .status();
     }
 
     fn finish(&mut self) -> Finished {
@@ -158,7 +164,10 @@ impl FuseMount {
         if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
             let _ = f.read_to_string(&mut stderr);
         }
-        assert!(exited, "s3backer did not exit within 180 s after unmount:\n{stderr}");
+        assert!(
+            exited,
+            "s3backer did not exit within 180 s after unmount:\n{stderr}"
+        );
         Finished { status, stderr }
     }
 }
@@ -167,7 +176,10 @@ impl Drop for FuseMount {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             if is_mounted(&self.mount_point) {
-                let _ = Command::new("umount").arg("-l").arg(&self.mount_point).status();
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mount_point)
+                    .status();
             }
             let _ = wait_until(Duration::from_secs(30), || {
                 child.try_wait().ok().flatten().is_some()
@@ -186,7 +198,10 @@ pub struct LoopMount {
 
 impl LoopMount {
     pub fn new(image: &Path, options: &str) -> LoopMount {
-        let tmp = tempfile::Builder::new().prefix("s3b-ext4").tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("s3b-ext4")
+            .tempdir()
+            .unwrap();
         let dir = tmp.path().to_path_buf();
         run(Command::new("mount")
             .arg("-o")
@@ -204,7 +219,10 @@ impl LoopMount {
 impl Drop for LoopMount {
     fn drop(&mut self) {
         if is_mounted(&self.dir) {
-            let ok = Command::new("umount").arg(&self.dir).status().is_ok_and(|s| s.success());
+            let ok = Command::new("umount")
+                .arg(&self.dir)
+                .status()
+                .is_ok_and(|s| s.success());
             if !ok {
                 let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
             }
@@ -231,7 +249,11 @@ pub fn mkfs_ext4(image: &Path) {
 
 /// `e2fsck -fn`: forced full check, no changes; panics unless the file system is clean.
 pub fn assert_fsck_clean(image: &Path) {
-    let out = Command::new("e2fsck").arg("-fn").arg(image).output().unwrap();
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "e2fsck -fn reported problems ({}):\n{}\n{}",
@@ -300,7 +322,10 @@ pub struct UnmountOnDrop(pub PathBuf);
 impl Drop for UnmountOnDrop {
     fn drop(&mut self) {
         if is_mounted(&self.0) {
-            let ok = Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success());
+            let ok = Command::new("umount")
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success());
             if !ok {
                 let _ = Command::new("umount").arg("-l").arg(&self.0).status();
             }
