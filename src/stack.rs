@@ -231,18 +231,18 @@ fn s3_options(config: &Config, naming: Naming) -> S3Options {
     }
 }
 
-fn codec_for(config: &Config, password: Option<String>) -> Result<Option<Arc<Codec>>, String> {
-    if config.compression.is_none() && config.cipher.is_none() {
-        return Ok(None);
-    }
+/// Every S3 disk gets a codec: even without `--compress`, readers must decode blocks that
+/// another writer compressed (spec 3), as C does.
+fn codec_for(config: &Config, password: Option<String>) -> Result<Arc<Codec>, String> {
     let encryption = match (config.cipher, password) {
+        (None, _) => None,
         (Some(cipher), Some(password)) => Some(Encryption {
             cipher,
             password,
             key_length: config.key_length,
             salt: format!("{}/{}", config.bucket, config.prefix),
         }),
-        _ => None,
+        (Some(_), None) => return Err("encryption needs a password".to_string()),
     };
     let codec = Codec::new(CodecConfig {
         compression: config.compression.clone(),
@@ -250,7 +250,7 @@ fn codec_for(config: &Config, password: Option<String>) -> Result<Option<Arc<Cod
         default_content_encoding: config.default_content_encoding.clone(),
     })
     .map_err(|e| e.to_string())?;
-    Ok(Some(Arc::new(codec)))
+    Ok(Arc::new(codec))
 }
 
 /// Test mode has no metadata object: sizing always falls back to the flags.

@@ -12,6 +12,7 @@ use common::{ACCESS_KEY, S3Server, SECRET_KEY};
 use s3backer::Error;
 use s3backer::backend::s3::{S3Backend, S3Client, S3Options};
 use s3backer::geometry::{BlockId, Geometry};
+use s3backer::layer::codec::{Codec, CodecConfig};
 use s3backer::naming::Naming;
 use s3backer::store::{Block, BlockStore, SizeMeta, Volume};
 
@@ -35,7 +36,11 @@ fn options(server: &S3Server, naming: Naming) -> S3Options {
 fn backend_with(opts: S3Options, num_blocks: u32) -> (Arc<S3Client>, S3Backend) {
     let client = Arc::new(S3Client::new(opts).expect("client"));
     let geometry = Geometry::new(u64::from(num_blocks) * u64::from(BS), BS).unwrap();
-    let backend = S3Backend::new(client.clone(), geometry, None);
+    let backend = S3Backend::new(
+        client.clone(),
+        geometry,
+        Arc::new(Codec::new(CodecConfig::default()).unwrap()),
+    );
     (client, backend)
 }
 
@@ -436,4 +441,37 @@ fn anonymous_access_is_refused_by_the_server() {
         .write_block(BlockId(1), Block::Data(&pattern(1)))
         .unwrap_err();
     assert!(matches!(err, Error::Forbidden(_)), "{err}");
+}
+
+#[test]
+fn compressed_blocks_are_read_without_compress_configured() {
+    let server = S3Server::start(&[BUCKET]);
+    let client = Arc::new(S3Client::new(options(&server, Naming::new("", false))).unwrap());
+    let geometry = Geometry::new(16 * u64::from(BS), BS).unwrap();
+    let codec = |compression| {
+        Arc::new(
+            Codec::new(CodecConfig {
+                compression,
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+    };
+    let writer = S3Backend::new(
+        client.clone(),
+        geometry,
+        codec(Some(s3backer::layer::codec::Compression::Zstd {
+            level: None,
+        })),
+    );
+    let data = vec![7u8; BS as usize];
+    writer.write_block(BlockId(3), Block::Data(&data)).unwrap();
+    let stored = std::fs::read(server.bucket_dir(BUCKET).join("00000003")).unwrap();
+    assert!(
+        stored.len() < 100,
+        "stored compressed: {} bytes",
+        stored.len()
+    );
+    let reader = S3Backend::new(client, geometry, codec(None));
+    assert_eq!(read(&reader, 3), (data, false));
 }

@@ -388,12 +388,12 @@ struct BlockStats {
 pub struct S3Backend {
     client: Arc<S3Client>,
     geometry: Geometry,
-    codec: Option<Arc<Codec>>,
+    codec: Arc<Codec>,
     stats: BlockStats,
 }
 
 impl S3Backend {
-    pub fn new(client: Arc<S3Client>, geometry: Geometry, codec: Option<Arc<Codec>>) -> Self {
+    pub fn new(client: Arc<S3Client>, geometry: Geometry, codec: Arc<Codec>) -> Self {
         S3Backend {
             client,
             geometry,
@@ -434,10 +434,7 @@ impl BlockStore for S3Backend {
         self.check_block(block)?;
         let block_size = self.geometry.block_size_usize();
         let key = self.client.opts.naming.block_key(block);
-        let accept = match &self.codec {
-            Some(codec) => codec.accept_encoding(),
-            None => "deflate, zstd".to_string(),
-        };
+        let accept = self.codec.accept_encoding();
         let Some(fetched) = self
             .client
             .get_object(&key, block, &accept, max_body(block_size))?
@@ -449,26 +446,13 @@ impl BlockStore for S3Backend {
                 etag: None,
             });
         };
-        let data = match &self.codec {
-            Some(codec) => codec.decode(
-                block,
-                fetched.body,
-                fetched.content_encoding.as_deref(),
-                fetched.hmac_header.as_deref(),
-                block_size,
-            )?,
-            None => {
-                if let Some(encoding) = &fetched.content_encoding {
-                    return Err(Error::corrupt(
-                        block,
-                        format!(
-                            "read of block {block} returned unexpected encoding \"{encoding}\""
-                        ),
-                    ));
-                }
-                fetched.body
-            }
-        };
+        let data = self.codec.decode(
+            block,
+            fetched.body,
+            fetched.content_encoding.as_deref(),
+            fetched.hmac_header.as_deref(),
+            block_size,
+        )?;
         if data.len() != block_size {
             return Err(Error::corrupt(
                 block,
@@ -498,19 +482,12 @@ impl BlockStore for S3Backend {
             }
             Block::Data(data) => data,
         };
-        let encoded = self
-            .codec
-            .as_ref()
-            .map(|c| c.encode(block, data))
-            .transpose()?;
-        let (body, content_encoding, hmac) = match &encoded {
-            Some(e) => (
-                e.body.as_slice(),
-                e.content_encoding.clone(),
-                e.hmac_header.clone(),
-            ),
-            None => (data, None, None),
-        };
+        let encoded = self.codec.encode(block, data)?;
+        let (body, content_encoding, hmac) = (
+            encoded.body.as_slice(),
+            encoded.content_encoding,
+            encoded.hmac_header,
+        );
         let mut headers = Vec::new();
         if let Some(encoding) = content_encoding {
             headers.push(("content-encoding", encoding));

@@ -103,9 +103,10 @@ impl Compressor {
                     };
                     match encoder.compress_vec(data, &mut out, FlushCompress::Finish) {
                         Ok(Status::StreamEnd) => Ok(out),
-                        Ok(status) => Err(Error::Other(format!(
-                            "deflate compression stopped early ({status:?})"
-                        ))),
+                        // zlib-rs at low levels can outgrow zlib's compressBound on incompressible
+                        // data, and readers (C too) reject larger bodies: store the block instead,
+                        // which is still a zlib stream and always fits.
+                        Ok(_) => store_uncompressed(data, spare),
                         Err(err) => Err(Error::Other(format!("deflate compression failed: {err}"))),
                     }
                 })
@@ -218,4 +219,17 @@ fn is_zstd_output_full(err: &std::io::Error) -> bool {
     err.get_ref()
         .and_then(|inner| inner.downcast_ref::<zstd::Error>())
         .is_some_and(|err| err.is(ZSTD_ErrorCode::ZSTD_error_dstSize_tooSmall))
+}
+
+/// A zlib stream of stored (level 0) deflate blocks: never larger than `zlib_compress_bound`.
+fn store_uncompressed(data: &[u8], spare: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(zlib_compress_bound(data.len()) + spare);
+    let mut encoder = Compress::new(flate2::Compression::new(0), true);
+    match encoder.compress_vec(data, &mut out, FlushCompress::Finish) {
+        Ok(Status::StreamEnd) => Ok(out),
+        Ok(status) => Err(Error::Other(format!(
+            "deflate compression stopped early ({status:?})"
+        ))),
+        Err(err) => Err(Error::Other(format!("deflate compression failed: {err}"))),
+    }
 }

@@ -272,6 +272,42 @@ mod tests {
     use super::*;
     use std::sync::OnceLock;
 
+    #[test]
+    fn incompressible_blocks_fit_the_readers_limit_at_every_deflate_level() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let data: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        for level in -1..=9 {
+            let codec = Codec::new(CodecConfig {
+                compression: Some(Compression::Deflate { level: Some(level) }),
+                ..Default::default()
+            })
+            .unwrap();
+            let encoded = codec.encode(BlockId(1), &data).unwrap();
+            assert!(
+                encoded.body.len() <= max_body_len(4096),
+                "level {level}: {} bytes",
+                encoded.body.len()
+            );
+            let decoded = codec
+                .decode(
+                    BlockId(1),
+                    encoded.body,
+                    encoded.content_encoding.as_deref(),
+                    None,
+                    4096,
+                )
+                .unwrap();
+            assert_eq!(decoded, data, "level {level}");
+        }
+    }
+
     const BLOCK_SIZE: usize = 4096;
     const BUCKET_SALT: &str = "mybucket/";
 
