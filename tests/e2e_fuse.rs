@@ -263,3 +263,70 @@ fn mount_fuse3_with_fstab_style_options() {
     assert_eq!(&back[..data.len()], &data[..]);
     assert!(mount.unmount().status.success());
 }
+
+#[test]
+fn erase_asks_first_then_deletes_every_block_and_the_token() {
+    let server = S3Server::start(&[BUCKET]);
+    let mount = FuseMount::start(
+        &ours(),
+        &s3_args(&server, &["--size=8m", "--blockSize=64k"]),
+        BUCKET,
+    );
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mount.file())
+            .unwrap();
+        file.write_all(&common::mount::pseudo_random(5, 1 << 20))
+            .unwrap();
+        file.sync_all().unwrap();
+    }
+    // fsync was a barrier: after SIGKILL the 16 blocks and the token are in the bucket.
+    mount.crash();
+    let bucket = server.bucket_dir(BUCKET);
+    let stored = std::fs::read_dir(&bucket).unwrap().count();
+    assert_eq!(stored, 17, "16 blocks of 64 KiB and the mount token");
+
+    let erase = |extra: &[&str], answer: &str| {
+        let mut child = Command::new(ours())
+            .args(s3_args(&server, &[&["--erase"], extra].concat()))
+            .arg(BUCKET)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (status, stderr) = erase(&[], "n\n");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is this correct? [y/N]") && stderr.contains("not confirmed"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&bucket).unwrap().count(),
+        stored,
+        "nothing erased"
+    );
+
+    let (status, stderr) = erase(&[], "yes\n");
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("non-zero blocks"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(&bucket).unwrap().count(),
+        0,
+        "blocks and token gone"
+    );
+}
