@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::admin;
 use crate::backend::dir::DirBackend;
-use crate::backend::s3::{S3Backend, S3Client, S3Options};
+use crate::backend::s3::{CredentialFlags, S3Backend, S3Client, S3Options};
 use crate::config::Config;
 use crate::daemon::Readiness;
 use crate::frontend::fuse::{self, FuseOptions};
@@ -209,12 +209,15 @@ fn s3_options(config: &Config, naming: Naming) -> S3Options {
         vhost: config.vhost,
         region: config.region.clone(),
         auth_version: config.auth_version,
-        access_id: config.access_id.clone(),
-        access_key: config.access_key.as_ref().map(|k| k.expose().to_string()),
-        access_key_env: config.access_key_env.clone(),
-        access_file: config.access_file.clone(),
-        ec2_iam_role: config.access_ec2_iam.clone(),
-        imds_v2: config.imds_v2,
+        credentials: CredentialFlags {
+            access_id: config.access_id.clone(),
+            access_key: config.access_key.as_ref().map(|k| k.expose().to_string()),
+            access_key_env: config.access_key_env.clone(),
+            access_file: config.access_file.clone(),
+            ec2_iam_role: config.access_ec2_iam.clone(),
+            imds_v2: config.imds_v2,
+            ..CredentialFlags::default()
+        },
         timeout: config.timeout,
         initial_retry_pause: config.initial_retry_pause,
         max_retry_pause: config.max_retry_pause,

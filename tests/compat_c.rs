@@ -6,9 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::S3Server;
-use common::mount::{
-    FuseMount, LoopMount, assert_fsck_clean, c_s3backer, mkfs_ext4, ours, verify_tree, write_tree,
-};
+use common::mount::{c_s3backer, ours, verify_ext4_disk, write_ext4_disk};
 
 const BUCKET: &str = "compat";
 
@@ -28,31 +26,8 @@ fn args(server: &S3Server, kind: &[&str], first_mount: bool) -> Vec<String> {
 
 fn write_with(writer: &Path, reader: &Path, kind: &[&str]) {
     let server = S3Server::start(&[BUCKET]);
-    let mount = FuseMount::start(writer, &args(&server, kind, true), BUCKET);
-    mkfs_ext4(&mount.file());
-    let tree = {
-        let ext4 = LoopMount::new(&mount.file(), "");
-        write_tree(&ext4.dir, 11, 24)
-    };
-    let done = mount.unmount();
-    assert!(
-        done.status.success(),
-        "writer exited badly:\n{}",
-        done.stderr
-    );
-
-    let mount = FuseMount::start(reader, &args(&server, kind, false), BUCKET);
-    {
-        let ext4 = LoopMount::new(&mount.file(), "ro");
-        verify_tree(&ext4.dir, &tree);
-    }
-    assert_fsck_clean(&mount.file());
-    let done = mount.unmount();
-    assert!(
-        done.status.success(),
-        "reader exited badly:\n{}",
-        done.stderr
-    );
+    let tree = write_ext4_disk(writer, &args(&server, kind, true), BUCKET, 11, 24);
+    verify_ext4_disk(reader, &args(&server, kind, false), BUCKET, &tree);
     let objects = std::fs::read_dir(server.bucket_dir(BUCKET))
         .unwrap()
         .count();

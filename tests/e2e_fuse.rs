@@ -7,7 +7,7 @@ use std::process::Command;
 
 use common::S3Server;
 use common::mount::{
-    FuseMount, LoopMount, assert_fsck_clean, mkfs_ext4, ours, verify_tree, write_tree,
+    FuseMount, LoopMount, assert_fsck_clean, mkfs_ext4, ours, verify_ext4_disk, write_ext4_disk,
 };
 
 const BUCKET: &str = "e2e";
@@ -26,33 +26,8 @@ fn s3_args(server: &S3Server, extra: &[&str]) -> Vec<String> {
 
 /// mkfs + tree on first mount; remount; verify checksums and fsck. Returns the tree size.
 fn ext4_round_trip(first: &[String], second: &[String], bucket: &str) -> usize {
-    let mount = FuseMount::start(&ours(), first, bucket);
-    mkfs_ext4(&mount.file());
-    let tree = {
-        let ext4 = LoopMount::new(&mount.file(), "discard");
-        let tree = write_tree(&ext4.dir, 7, 40);
-        ext4.unmount();
-        tree
-    };
-    let done = mount.unmount();
-    assert!(
-        done.status.success(),
-        "first mount exited badly:\n{}",
-        done.stderr
-    );
-
-    let mount = FuseMount::start(&ours(), second, bucket);
-    {
-        let ext4 = LoopMount::new(&mount.file(), "ro");
-        verify_tree(&ext4.dir, &tree);
-    }
-    assert_fsck_clean(&mount.file());
-    let done = mount.unmount();
-    assert!(
-        done.status.success(),
-        "second mount exited badly:\n{}",
-        done.stderr
-    );
+    let tree = write_ext4_disk(&ours(), first, bucket, 7, 40);
+    verify_ext4_disk(&ours(), second, bucket, &tree);
     tree.len()
 }
 

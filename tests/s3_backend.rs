@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{ACCESS_KEY, S3Server, SECRET_KEY};
 use s3backer::Error;
-use s3backer::backend::s3::{S3Backend, S3Client, S3Options};
+use s3backer::backend::s3::{CredentialFlags, S3Backend, S3Client, S3Options};
 use s3backer::geometry::{BlockId, Geometry};
 use s3backer::layer::codec::{Codec, CodecConfig};
 use s3backer::naming::Naming;
@@ -24,8 +24,11 @@ fn options(server: &S3Server, naming: Naming) -> S3Options {
         base_url: server.base_url(),
         bucket: BUCKET.into(),
         naming,
-        access_id: Some(ACCESS_KEY.into()),
-        access_key: Some(SECRET_KEY.into()),
+        credentials: CredentialFlags {
+            access_id: Some(ACCESS_KEY.into()),
+            access_key: Some(SECRET_KEY.into()),
+            ..Default::default()
+        },
         timeout: Duration::from_secs(5),
         initial_retry_pause: Duration::from_millis(20),
         max_retry_pause: Duration::from_millis(300),
@@ -292,7 +295,7 @@ fn survey_pages_through_more_than_one_listing_page() {
 fn wrong_secret_fails_fast_with_forbidden() {
     let server = S3Server::start(&[BUCKET]);
     let mut opts = options(&server, Naming::new("", false));
-    opts.access_key = Some("wrongsecret".into());
+    opts.credentials.access_key = Some("wrongsecret".into());
     let (_, store) = backend_with(opts, 8);
     let started = Instant::now();
     let mut buf = vec![0u8; BS as usize];
@@ -398,8 +401,8 @@ fn credentials_from_access_file() {
     )
     .unwrap();
     let mut opts = options(&server, Naming::new("", false));
-    opts.access_key = None;
-    opts.access_file = Some(file);
+    opts.credentials.access_key = None;
+    opts.credentials.access_file = Some(file);
     let (_, store) = backend_with(opts, 8);
     store
         .write_block(BlockId(2), Block::Data(&pattern(2)))
@@ -420,9 +423,9 @@ fn credentials_from_environment() {
     let file = dir.path().join("passwd");
     std::fs::write(&file, "# nothing here\n").unwrap();
     let mut opts = options(&server, Naming::new("", false));
-    opts.access_id = None;
-    opts.access_key = None;
-    opts.access_file = Some(file);
+    opts.credentials.access_id = None;
+    opts.credentials.access_key = None;
+    opts.credentials.access_file = Some(file);
     let (_, store) = backend_with(opts, 8);
     store
         .write_block(BlockId(2), Block::Data(&pattern(2)))
@@ -435,7 +438,7 @@ fn credentials_from_environment() {
 fn anonymous_access_is_refused_by_the_server() {
     let server = S3Server::start(&[BUCKET]);
     let mut opts = options(&server, Naming::new("", false));
-    opts.access_id = Some(String::new());
+    opts.credentials.access_id = Some(String::new());
     let (_, store) = backend_with(opts, 8);
     let err = store
         .write_block(BlockId(1), Block::Data(&pattern(1)))

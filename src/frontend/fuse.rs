@@ -539,8 +539,12 @@ impl DiskFs {
         Errno::from_i32(err.errno())
     }
 
-    fn flush_store(&self, op: &str) -> std::result::Result<(), Errno> {
-        self.store.flush().map_err(|err| self.fail(op, &err))
+    /// Flushes the store and answers the kernel: ok once everything written is durable.
+    fn reply_flush(&self, op: &str, reply: ReplyEmpty) {
+        match self.store.flush() {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(self.fail(op, &err)),
+        }
     }
 }
 
@@ -731,10 +735,7 @@ impl Filesystem for DiskFs {
     ) {
         // Every close of the data file waits for all dirty blocks (spec 6.2).
         match ino {
-            FILE_INO => match self.flush_store("flush") {
-                Ok(()) => reply.ok(),
-                Err(errno) => reply.error(errno),
-            },
+            FILE_INO => self.reply_flush("flush", reply),
             _ => reply.ok(),
         }
     }
@@ -764,10 +765,7 @@ impl Filesystem for DiskFs {
         reply: ReplyEmpty,
     ) {
         // A real barrier, unlike C (DESIGN.md "Data safety rules").
-        match self.flush_store("fsync") {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
+        self.reply_flush("fsync", reply);
     }
 
     fn fsyncdir(
@@ -778,10 +776,7 @@ impl Filesystem for DiskFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.flush_store("fsyncdir") {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
+        self.reply_flush("fsyncdir", reply);
     }
 
     fn readdir(

@@ -210,10 +210,6 @@ impl LoopMount {
             .arg(&dir));
         LoopMount { dir, _tmp: tmp }
     }
-
-    pub fn unmount(self) {
-        // Drop does it; an explicit call reads better in tests.
-    }
 }
 
 impl Drop for LoopMount {
@@ -331,4 +327,50 @@ impl Drop for UnmountOnDrop {
             }
         }
     }
+}
+
+/// Mounts with `binary`, creates ext4 on the file, writes a tree of `files` files, unmounts
+/// everything and checks the process exited cleanly. Returns the tree's checksums.
+pub fn write_ext4_disk(
+    binary: &Path,
+    args: &[String],
+    bucket: &str,
+    seed: u64,
+    files: usize,
+) -> BTreeMap<PathBuf, String> {
+    let mount = FuseMount::start(binary, args, bucket);
+    mkfs_ext4(&mount.file());
+    let tree = {
+        let ext4 = LoopMount::new(&mount.file(), "discard");
+        write_tree(&ext4.dir, seed, files)
+    };
+    let done = mount.unmount();
+    assert!(
+        done.status.success(),
+        "writer exited badly:\n{}",
+        done.stderr
+    );
+    tree
+}
+
+/// Mounts with `binary`, checks every file of `tree` on a read-only loop mount and that
+/// `e2fsck -fn` finds the file system clean, then unmounts.
+pub fn verify_ext4_disk(
+    binary: &Path,
+    args: &[String],
+    bucket: &str,
+    tree: &BTreeMap<PathBuf, String>,
+) {
+    let mount = FuseMount::start(binary, args, bucket);
+    {
+        let ext4 = LoopMount::new(&mount.file(), "ro");
+        verify_tree(&ext4.dir, tree);
+    }
+    assert_fsck_clean(&mount.file());
+    let done = mount.unmount();
+    assert!(
+        done.status.success(),
+        "reader exited badly:\n{}",
+        done.stderr
+    );
 }

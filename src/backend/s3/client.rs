@@ -196,7 +196,7 @@ impl S3Client {
                 "\"--authVersion=aws2\" is not supported yet; use aws4".into(),
             ));
         }
-        let credentials = credentials::resolve(&opts.credential_flags())?;
+        let credentials = credentials::resolve(&opts.credentials)?;
         if credentials.is_anonymous() && !opts.read_only {
             tracing::warn!("warning: no \"accessId\" specified; only read operations will succeed");
         }
@@ -615,7 +615,10 @@ mod tests {
             bucket: "mybucket".into(),
             naming: Naming::new(prefix, false),
             vhost,
-            access_id: Some(String::new()),
+            credentials: crate::backend::s3::CredentialFlags {
+                access_id: Some(String::new()),
+                ..Default::default()
+            },
             ..S3Options::default()
         }
     }
@@ -663,8 +666,8 @@ mod tests {
     #[test]
     fn signed_url_carries_region_and_signed_headers() {
         let mut o = opts("http://127.0.0.1:9000/", false, "");
-        o.access_id = Some("AKID".into());
-        o.access_key = Some("SECRET".into());
+        o.credentials.access_id = Some("AKID".into());
+        o.credentials.access_key = Some("SECRET".into());
         o.region = "eu-west-1".into();
         let client = S3Client::new(o).unwrap();
         let mut req = Request::new(Method::PUT, Some("00000001"));

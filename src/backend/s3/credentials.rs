@@ -37,7 +37,7 @@ impl fmt::Debug for Keys {
 }
 
 /// The raw credential flags, as given by the user.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct CredentialFlags {
     /// `Some("")` forces anonymous access.
     pub access_id: Option<String>,
@@ -48,6 +48,20 @@ pub struct CredentialFlags {
     pub imds_v2: bool,
     /// Base URL of the instance metadata service (a loopback fake in tests).
     pub imds_base_url: String,
+}
+
+impl Default for CredentialFlags {
+    fn default() -> Self {
+        CredentialFlags {
+            access_id: None,
+            access_key: None,
+            access_key_env: None,
+            access_file: None,
+            ec2_iam_role: None,
+            imds_v2: false,
+            imds_base_url: DEFAULT_IMDS_BASE_URL.into(),
+        }
+    }
 }
 
 impl fmt::Debug for CredentialFlags {

@@ -16,7 +16,7 @@ use md5::{Digest as _, Md5};
 use ureq::http::Method;
 
 pub use client::{S3Client, is_plain_md5_etag, parse_quoted_hex};
-pub use credentials::{DEFAULT_IMDS_BASE_URL, Keys, parse_access_file};
+pub use credentials::{CredentialFlags, DEFAULT_IMDS_BASE_URL, Keys, parse_access_file};
 pub use retry::Backoff;
 
 use crate::error::{Error, Result};
@@ -26,7 +26,6 @@ use crate::naming::Naming;
 use crate::stats::{Counter, StatsReport};
 use crate::store::{Block, BlockStore, Etag, ReadInfo, SizeMeta, Volume, WriteInfo};
 use client::{Reply, Request};
-use credentials::CredentialFlags;
 
 pub const BLOCK_CONTENT_TYPE: &str = "application/x-s3backer-block";
 pub const BLOCK_SIZE_HEADER: &str = "x-amz-meta-s3backer-blocksize";
@@ -52,15 +51,8 @@ pub struct S3Options {
     pub vhost: bool,
     pub region: String,
     pub auth_version: AuthVersion,
-    /// `Some("")` = anonymous.
-    pub access_id: Option<String>,
-    pub access_key: Option<String>,
-    pub access_key_env: Option<String>,
-    pub access_file: Option<PathBuf>,
-    pub ec2_iam_role: Option<String>,
-    pub imds_v2: bool,
-    /// Instance metadata service base URL (injectable for tests).
-    pub imds_base_url: String,
+    /// Where the keys come from, as the user gave it.
+    pub credentials: CredentialFlags,
     /// Per-attempt timeout (`--timeout`).
     pub timeout: Duration,
     pub initial_retry_pause: Duration,
@@ -90,13 +82,7 @@ impl Default for S3Options {
             vhost: false,
             region: "us-east-1".into(),
             auth_version: AuthVersion::Aws4,
-            access_id: None,
-            access_key: None,
-            access_key_env: None,
-            access_file: None,
-            ec2_iam_role: None,
-            imds_v2: false,
-            imds_base_url: DEFAULT_IMDS_BASE_URL.into(),
+            credentials: CredentialFlags::default(),
             timeout: Duration::from_secs(30),
             initial_retry_pause: Duration::from_millis(200),
             max_retry_pause: Duration::from_millis(30_000),
@@ -123,23 +109,9 @@ impl std::fmt::Debug for S3Options {
             .field("naming", &self.naming)
             .field("vhost", &self.vhost)
             .field("region", &self.region)
-            .field("credentials", &self.credential_flags())
+            .field("credentials", &self.credentials)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
-    }
-}
-
-impl S3Options {
-    fn credential_flags(&self) -> CredentialFlags {
-        CredentialFlags {
-            access_id: self.access_id.clone(),
-            access_key: self.access_key.clone(),
-            access_key_env: self.access_key_env.clone(),
-            access_file: self.access_file.clone(),
-            ec2_iam_role: self.ec2_iam_role.clone(),
-            imds_v2: self.imds_v2,
-            imds_base_url: self.imds_base_url.clone(),
-        }
     }
 }
 
