@@ -31,8 +31,10 @@ if ! blkid "$FUSE_MNT/file" >/dev/null 2>&1; then
     mkfs.ext4 -q -F -E nodiscard "$FUSE_MNT/file"
 fi
 mount -o loop,discard "$FUSE_MNT/file" "$DATA_MNT"
-date > "$DATA_MNT/hello.txt"
+echo "demo run at $(date)" >> "$DATA_MNT/hello.txt"
 echo "demo: ext4 on s3backer is mounted at $DATA_MNT (blocks stored as files in $STORE)"
 df -h "$DATA_MNT" | tail -1
+echo "demo: $DATA_MNT/hello.txt keeps one line per run:"
+cat "$DATA_MNT/hello.txt"
 echo "demo: $(ls "$STORE" | wc -l) non-zero blocks stored; stats: cat $FUSE_MNT/stats"
 echo "demo: stop with: bash scripts/demo.sh stop"
