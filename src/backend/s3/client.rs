@@ -198,7 +198,7 @@ impl S3Client {
         }
         let credentials = credentials::resolve(&opts.credentials)?;
         if credentials.is_anonymous() && !opts.read_only {
-            tracing::warn!("warning: no \"accessId\" specified; only read operations will succeed");
+            tracing::warn!("no \"accessId\" specified; only read operations will succeed");
         }
         let agent = build_agent(&opts)?;
         let object_base = object_base(&opts);
@@ -499,7 +499,7 @@ fn build_agent(opts: &S3Options) -> Result<ureq::Agent> {
         tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
     }
     if opts.insecure {
-        tracing::warn!("warning: TLS certificate verification is disabled (\"--insecure\")");
+        tracing::warn!("TLS certificate verification is disabled (\"--insecure\")");
         tls = tls.disable_verification(true);
     }
     let idle = if opts.no_connection_reuse {
