@@ -28,6 +28,7 @@ use crate::geometry::{BlockId, Geometry};
 use crate::stats::{Counter, StatsReport};
 use crate::store::{Block, BlockStore, ReadInfo, WriteInfo, is_zero};
 
+pub mod cache_file;
 #[cfg(test)]
 mod tests;
 
