@@ -34,6 +34,9 @@ pub struct CacheFileOptions {
     pub mount_token: u32,
 }
 
+/// Dirty blocks read back from the file at startup, to upload again.
+pub(super) type Recovered = Vec<(BlockId, Vec<u8>)>;
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 struct Slot {
     index: u32,
@@ -58,7 +61,7 @@ impl FileTier {
         opts: &CacheFileOptions,
         block_size: u32,
         capacity: u32,
-    ) -> Result<(FileTier, Vec<(BlockId, Vec<u8>)>)> {
+    ) -> Result<(FileTier, Recovered)> {
         let (file, entries) = CacheFile::open(&opts.path, block_size, capacity, opts.advise)?;
         let mut tier = Tier {
             file,
@@ -290,5 +293,266 @@ impl Tier {
     /// After a clean shutdown: no mount holds the file any more.
     pub(super) fn clear_mount_token(&self) -> Result<()> {
         self.file.set_mount_token(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::super::{BlockCache, BlockCacheOptions};
+    use super::*;
+    use crate::backend::memory::MemoryBackend;
+    use crate::geometry::Geometry;
+    use crate::store::{Block, BlockStore};
+
+    const BS: usize = 512;
+    const BLOCKS: u32 = 64;
+
+    fn geometry(block_size: usize) -> Geometry {
+        Geometry::new(u64::from(BLOCKS) * block_size as u64, block_size as u32).unwrap()
+    }
+
+    fn file_opts(path: &std::path::Path) -> CacheFileOptions {
+        CacheFileOptions {
+            path: path.to_path_buf(),
+            no_verify: false,
+            recover_dirty: false,
+            advise: false,
+            mount_token: 0x1234,
+        }
+    }
+
+    fn open_cache(lower: &Arc<MemoryBackend>, file: CacheFileOptions) -> Result<Arc<BlockCache>> {
+        BlockCache::open(
+            Arc::clone(lower) as Arc<dyn BlockStore>,
+            BlockCacheOptions {
+                size: 16,
+                threads: 2,
+                write_delay: Duration::ZERO,
+                read_ahead: 0,
+                retry_pause: Duration::from_millis(10),
+                file: Some(file),
+                ..BlockCacheOptions::default()
+            },
+        )
+    }
+
+    fn block_of(byte: u8) -> Vec<u8> {
+        vec![byte; BS]
+    }
+
+    /// Writes blocks 0..n (block i filled with i + 1) to a store that refuses every upload,
+    /// flushes, and drops the cache without shutdown, as `kill -9` would.
+    fn write_flush_and_crash(path: &std::path::Path, n: u32) {
+        let dead = Arc::new(MemoryBackend::new(geometry(BS)));
+        for i in 0..n {
+            dead.fail_block(BlockId(i));
+        }
+        let cache = open_cache(&dead, file_opts(path)).unwrap();
+        for i in 0..n {
+            cache
+                .write_block(BlockId(i), Block::Data(&block_of(i as u8 + 1)))
+                .unwrap();
+        }
+        cache.flush().expect("flush is satisfied by the cache file");
+        assert_eq!(dead.stored_count(), 0, "nothing could be uploaded");
+        drop(cache);
+    }
+
+    #[test]
+    fn flushed_blocks_survive_a_crash_and_are_uploaded_on_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        write_flush_and_crash(&path, 10);
+        let store = Arc::new(MemoryBackend::new(geometry(BS)));
+        let opts = CacheFileOptions {
+            recover_dirty: true,
+            ..file_opts(&path)
+        };
+        let cache = open_cache(&store, opts).unwrap();
+        cache.shutdown().unwrap();
+        for i in 0..10u32 {
+            assert_eq!(
+                store.stored(BlockId(i)),
+                Some(block_of(i as u8 + 1)),
+                "block {i}"
+            );
+        }
+        drop(cache);
+        // Everything is uploaded: a later start recovers nothing.
+        let again = Arc::new(MemoryBackend::new(geometry(BS)));
+        let opts = CacheFileOptions {
+            recover_dirty: true,
+            ..file_opts(&path)
+        };
+        open_cache(&again, opts).unwrap().shutdown().unwrap();
+        assert_eq!(again.writes.get(), 0);
+    }
+
+    #[test]
+    fn dirty_blocks_are_discarded_without_recover_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        write_flush_and_crash(&path, 3);
+        let store = Arc::new(MemoryBackend::new(geometry(BS)));
+        let cache = open_cache(&store, file_opts(&path)).unwrap();
+        cache.shutdown().unwrap();
+        assert_eq!(store.stored_count(), 0);
+        drop(cache);
+        let (_, entries) = CacheFile::open(&path, BS as u32, 16, false).unwrap();
+        assert!(
+            entries.is_empty(),
+            "discarded entries are erased: {entries:?}"
+        );
+    }
+
+    #[test]
+    fn rewritten_blocks_recover_their_last_flushed_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let dead = Arc::new(MemoryBackend::new(geometry(BS)));
+        dead.fail_block(BlockId(5));
+        let first = open_cache(&dead, file_opts(&path)).unwrap();
+        for byte in 1..=3u8 {
+            first
+                .write_block(BlockId(5), Block::Data(&block_of(byte)))
+                .unwrap();
+            first.flush().unwrap();
+        }
+        // Written after the last flush: may be lost.
+        first
+            .write_block(BlockId(5), Block::Data(&block_of(9)))
+            .unwrap();
+        drop(first);
+        let store = Arc::new(MemoryBackend::new(geometry(BS)));
+        let opts = CacheFileOptions {
+            recover_dirty: true,
+            ..file_opts(&path)
+        };
+        open_cache(&store, opts).unwrap().shutdown().unwrap();
+        assert_eq!(store.stored(BlockId(5)), Some(block_of(3)));
+    }
+
+    #[test]
+    fn clean_entries_are_served_without_lower_reads_when_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let store = Arc::new(MemoryBackend::new(geometry(BS)));
+        for i in 0..4u32 {
+            store
+                .write_block(BlockId(i), Block::Data(&block_of(0x40 + i as u8)))
+                .unwrap();
+        }
+        let first = open_cache(&store, file_opts(&path)).unwrap();
+        let mut buf = vec![0u8; BS];
+        for i in 0..4u32 {
+            first.read_block(BlockId(i), &mut buf).unwrap();
+        }
+        first.shutdown().unwrap();
+        drop(first);
+        let reads = store.reads.get();
+        let trusted = CacheFileOptions {
+            no_verify: true,
+            ..file_opts(&path)
+        };
+        let second = open_cache(&store, trusted).unwrap();
+        for i in 0..4u32 {
+            second.read_block(BlockId(i), &mut buf).unwrap();
+            assert_eq!(buf, block_of(0x40 + i as u8), "block {i}");
+        }
+        assert_eq!(store.reads.get(), reads, "served from the cache file");
+        second.shutdown().unwrap();
+        drop(second);
+        // Without --blockCacheNoVerify they cannot be trusted: read from the store again.
+        let third = open_cache(&store, file_opts(&path)).unwrap();
+        third.read_block(BlockId(0), &mut buf).unwrap();
+        assert_eq!(buf, block_of(0x40));
+        assert_eq!(store.reads.get(), reads + 1);
+        third.shutdown().unwrap();
+    }
+
+    #[test]
+    fn an_uploaded_rewrite_replaces_the_clean_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let store = Arc::new(MemoryBackend::new(geometry(BS)));
+        store
+            .write_block(BlockId(1), Block::Data(&block_of(1)))
+            .unwrap();
+        let first = open_cache(&store, file_opts(&path)).unwrap();
+        let mut buf = vec![0u8; BS];
+        first.read_block(BlockId(1), &mut buf).unwrap();
+        first
+            .write_block(BlockId(1), Block::Data(&block_of(2)))
+            .unwrap();
+        first.shutdown().unwrap();
+        drop(first);
+        let trusted = CacheFileOptions {
+            no_verify: true,
+            ..file_opts(&path)
+        };
+        let second = open_cache(&store, trusted).unwrap();
+        second.read_block(BlockId(1), &mut buf).unwrap();
+        assert_eq!(buf, block_of(2), "the stale clean entry must be gone");
+        second.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_file_of_another_block_size_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let store = Arc::new(MemoryBackend::new(geometry(BS)));
+        open_cache(&store, file_opts(&path))
+            .unwrap()
+            .shutdown()
+            .unwrap();
+        let other = Arc::new(MemoryBackend::new(geometry(BS * 2)));
+        let err = open_cache(&other, file_opts(&path))
+            .err()
+            .expect("must refuse");
+        let msg = err.to_string();
+        assert!(msg.starts_with("invalid cache file"), "{msg}");
+        assert!(msg.contains("block size is 512"), "{msg}");
+    }
+
+    #[test]
+    fn mount_token_is_set_while_open_and_cleared_by_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let store = Arc::new(MemoryBackend::new(geometry(BS)));
+        let cache = open_cache(&store, file_opts(&path)).unwrap();
+        let token = super::super::cache_file::read_mount_token(&path).unwrap();
+        assert_eq!(token, Some(0x1234));
+        cache.shutdown().unwrap();
+        let token = super::super::cache_file::read_mount_token(&path).unwrap();
+        assert_eq!(token, Some(0));
+    }
+
+    #[test]
+    fn many_flushes_with_few_slots_stay_correct() {
+        // More dirty blocks than slots: flush falls back to waiting for uploads.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let store = Arc::new(MemoryBackend::with_latency(
+            geometry(BS),
+            Duration::from_millis(1),
+        ));
+        let cache = open_cache(&store, file_opts(&path)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for round in 0..5u8 {
+            for i in 0..BLOCKS {
+                cache
+                    .write_block(BlockId(i), Block::Data(&block_of(round + 1)))
+                    .unwrap();
+            }
+            cache.flush().unwrap();
+            assert!(Instant::now() < deadline, "too slow");
+        }
+        cache.shutdown().unwrap();
+        for i in 0..BLOCKS {
+            assert_eq!(store.stored(BlockId(i)), Some(block_of(5)), "block {i}");
+        }
     }
 }

@@ -353,7 +353,7 @@ impl Drop for BlockCache {
 
 impl Shared {
     /// Queues the dirty blocks found in the cache file for upload, as one epoch.
-    fn recover(&self, recovered: Vec<(BlockId, Vec<u8>)>) {
+    fn recover(&self, recovered: file_tier::Recovered) {
         let mut st = self.state.lock();
         for (block, buf) in recovered {
             if !self.geometry.contains(block) {
