@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -52,6 +53,10 @@ pub(super) struct Tier {
     slots: HashMap<BlockId, Slot>,
     free: Vec<u32>,
     block_size: usize,
+    /// What each dirty entry written by this process holds (`None` = zeros), so a flush skips
+    /// blocks unchanged since the last one. Holding the buffer also keeps writers from
+    /// changing it in place.
+    persisted: HashMap<BlockId, Option<Arc<[u8]>>>,
 }
 
 impl FileTier {
@@ -68,6 +73,7 @@ impl FileTier {
             slots: HashMap::new(),
             free: Vec::new(),
             block_size: block_size as usize,
+            persisted: HashMap::new(),
         };
         let mut recovered = Vec::new();
         let mut discard = Vec::new();
@@ -205,13 +211,22 @@ impl Tier {
     fn release(&mut self, block: BlockId, index: u32) -> Result<()> {
         self.file.clear(index)?;
         self.slots.remove(&block);
+        self.persisted.remove(&block);
         self.free.push(index);
         Ok(())
     }
 
     /// Persists the newest data of dirty blocks (`None` = all zero) as dirty entries. Returns
     /// false, having written nothing, when there are not enough slots.
-    pub(super) fn persist_dirty(&mut self, blocks: &[(BlockId, Option<&[u8]>)]) -> Result<bool> {
+    pub(super) fn persist_dirty(
+        &mut self,
+        mut blocks: Vec<(BlockId, Option<Arc<[u8]>>)>,
+    ) -> Result<bool> {
+        blocks.retain(|(block, data)| match (self.persisted.get(block), data) {
+            (Some(None), None) => false,
+            (Some(Some(old)), Some(new)) => !Arc::ptr_eq(old, new),
+            _ => true,
+        });
         if blocks.is_empty() {
             return Ok(true);
         }
@@ -237,11 +252,12 @@ impl Tier {
         let targets = self.take_slots(blocks.len(), &writing, !stale.is_empty())?;
         debug_assert_eq!(targets.len(), blocks.len());
         let zeros = vec![0u8; self.block_size];
-        for (&(_, data), &index) in blocks.iter().zip(&targets) {
-            self.file.write_slot(index, data.unwrap_or(&zeros))?;
+        for ((_, data), &index) in blocks.iter().zip(&targets) {
+            self.file
+                .write_slot(index, data.as_deref().unwrap_or(&zeros))?;
         }
         self.file.sync()?;
-        for (&(block, _), &index) in blocks.iter().zip(&targets) {
+        for ((block, data), index) in blocks.into_iter().zip(targets) {
             let entry = DirEntry {
                 block,
                 etag: [0; 16],
@@ -253,6 +269,7 @@ impl Tier {
                 self.file.write_entry(old.index, None)?;
                 self.free.push(old.index);
             }
+            self.persisted.insert(block, data);
         }
         self.file.sync()?;
         Ok(true)

@@ -380,16 +380,17 @@ impl Shared {
         let Some(file) = &self.file else {
             return self.lower.read_block(block, buf);
         };
-        let mut tier = file.lock();
-        if tier.read_clean(block, buf)? {
+        if file.lock().read_clean(block, buf)? {
             return Ok(ReadInfo {
                 zero: is_zero(buf),
                 etag: None,
             });
         }
+        // Not under the file lock: other reads and uploads go on meanwhile. The block is
+        // `Reading`, so nothing else puts it in the file.
         let info = self.lower.read_block(block, buf)?;
         if let (false, Some(etag)) = (info.zero, info.etag)
-            && let Err(e) = tier.store_clean(block, etag, buf)
+            && let Err(e) = file.lock().store_clean(block, etag, buf)
         {
             // The file is only a cache for clean data: go on without it.
             tracing::warn!("block {block}: cannot keep it in the cache file: {e}");
@@ -796,25 +797,19 @@ impl Shared {
             let mut tier = file.lock();
             let mut st = self.state.lock();
             let target = self.close_epoch(&mut st);
-            let dirty: Vec<(BlockId, Data)> = st
+            let blocks: Vec<(BlockId, Option<Arc<[u8]>>)> = st
                 .entries
                 .iter()
                 .filter_map(|(&block, state)| match state {
-                    EntryState::Dirty { versions, .. } => {
-                        Some((block, versions.back()?.data.clone()))
-                    }
+                    EntryState::Dirty { versions, .. } => match &versions.back()?.data {
+                        Data::Zero => Some((block, None)),
+                        Data::Bytes(bytes) => Some((block, Some(Arc::clone(bytes)))),
+                    },
                     _ => None,
                 })
                 .collect();
             drop(st);
-            let blocks: Vec<(BlockId, Option<&[u8]>)> = dirty
-                .iter()
-                .map(|(block, data)| match data {
-                    Data::Zero => (*block, None),
-                    Data::Bytes(bytes) => (*block, Some(&bytes[..])),
-                })
-                .collect();
-            if tier.persist_dirty(&blocks)? {
+            if tier.persist_dirty(blocks)? {
                 return Ok(());
             }
             drop(tier);
