@@ -117,7 +117,7 @@ impl Stack {
             Some(MountGuard::acquire(
                 self.volume.clone(),
                 MountTokenOptions {
-                    force: config.force,
+                    force: config.force || self.resumes_own_crash(config)?,
                     shared_disk: config.shared_disk_mode,
                     read_only: config.read_only,
                 },
@@ -179,6 +179,35 @@ impl Stack {
 
     /// The layers above the backend for a mount (spec 6.1): zero cache over block cache.
     /// Shared-disk mode caches nothing: other hosts write the same blocks.
+    /// Spec 5.2 1(b): the bucket's token is the one in our cache file, so it is left over by
+    /// a crashed mount of ours; with `--blockCacheRecoverDirtyBlocks` that is no conflict.
+    fn resumes_own_crash(&self, config: &Config) -> Result<bool, String> {
+        let Some(path) = &config.block_cache_file else {
+            return Ok(false);
+        };
+        let disk = cache_file::read_mount_token(path).map_err(|e| e.to_string())?;
+        let Some(disk) = disk.filter(|&t| t != 0) else {
+            return Ok(false);
+        };
+        let Some(s3) = self.volume.read_mount_token().map_err(|e| e.to_string())? else {
+            return Ok(false);
+        };
+        if disk != s3 {
+            tracing::warn!(
+                "cache file \"{}\" mount token mismatch (disk:0x{disk:08x} != s3:0x{s3:08x})",
+                path.display()
+            );
+            return Ok(false);
+        }
+        if !config.block_cache_recover_dirty_blocks {
+            return Ok(false);
+        }
+        tracing::info!(
+            "recovering from unclean shutdown: dirty blocks in cache file will be written back to S3"
+        );
+        Ok(true)
+    }
+
     /// `mount_token` goes into the cache file header while mounted.
     fn layers(&self, config: &Config, mount_token: u32) -> Result<Arc<dyn BlockStore>, String> {
         if config.shared_disk_mode {

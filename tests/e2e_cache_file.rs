@@ -73,3 +73,47 @@ fn fsynced_data_survives_kill_9_in_the_cache_file_and_is_recovered() {
         .count();
     assert_eq!(stored, 16);
 }
+
+#[test]
+fn recover_dirty_blocks_resumes_our_own_crashed_mount_without_force() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = cache_dir.path().join("cache");
+    let data = pseudo_random(12, 1 << 20);
+    let server = S3Server::start(&[BUCKET]);
+    let mount = FuseMount::start(&ours(), &args(&server, &cache, &[]), BUCKET);
+    {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mount.file())
+            .unwrap();
+        file.write_all(&data).unwrap();
+        file.sync_all().unwrap();
+    }
+    mount.crash();
+
+    // The bucket's token is still set: a plain mount is refused.
+    let refused = FuseMount::try_start(&ours(), &args(&server, &cache, &[]), BUCKET)
+        .err()
+        .expect("a plain mount must be refused");
+    assert!(
+        refused.stderr.contains("appears to be already mounted"),
+        "{}",
+        refused.stderr
+    );
+    // The token matches the cache file's: recovery needs no --force.
+    let recover = args(&server, &cache, &["--blockCacheRecoverDirtyBlocks"]);
+    let mount = FuseMount::start(&ours(), &recover, BUCKET);
+    let mut read_back = vec![0u8; data.len()];
+    std::fs::File::open(mount.file())
+        .unwrap()
+        .read_exact(&mut read_back)
+        .unwrap();
+    assert!(read_back == data, "data differs after recovery");
+    let finished = mount.unmount();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("recovering from unclean shutdown"),
+        "{}",
+        finished.stderr
+    );
+}
