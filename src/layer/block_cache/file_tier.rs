@@ -517,6 +517,131 @@ mod tests {
     }
 
     #[test]
+    fn a_flushed_zero_write_is_recovered_as_a_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let store = Arc::new(MemoryBackend::new(geometry(BS)));
+        store
+            .write_block(BlockId(2), Block::Data(&block_of(7)))
+            .unwrap();
+        store.fail_block(BlockId(2));
+        let first = open_cache(&store, file_opts(&path)).unwrap();
+        first.write_block(BlockId(2), Block::Zero).unwrap();
+        first.flush().unwrap();
+        drop(first);
+        let healthy = Arc::new(MemoryBackend::new(geometry(BS)));
+        healthy
+            .write_block(BlockId(2), Block::Data(&block_of(7)))
+            .unwrap();
+        let opts = CacheFileOptions {
+            recover_dirty: true,
+            ..file_opts(&path)
+        };
+        open_cache(&healthy, opts).unwrap().shutdown().unwrap();
+        assert_eq!(
+            healthy.stored(BlockId(2)),
+            None,
+            "the zero write deletes the block"
+        );
+    }
+
+    /// A store whose writes land, then hang until `release` (bounded), like an upload whose
+    /// reply has not come back yet.
+    struct SlowAck {
+        mem: Arc<MemoryBackend>,
+        released: parking_lot::Mutex<bool>,
+        wake: parking_lot::Condvar,
+    }
+
+    impl SlowAck {
+        fn release(&self) {
+            *self.released.lock() = true;
+            self.wake.notify_all();
+        }
+    }
+
+    impl BlockStore for SlowAck {
+        fn geometry(&self) -> Geometry {
+            self.mem.geometry()
+        }
+        fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<crate::store::ReadInfo> {
+            self.mem.read_block(block, buf)
+        }
+        fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<crate::store::WriteInfo> {
+            let info = self.mem.write_block(block, data)?;
+            let mut released = self.released.lock();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !*released && Instant::now() < deadline {
+                self.wake.wait_until(&mut released, deadline);
+            }
+            Ok(info)
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn survey_non_zero(&self, t: usize, f: &(dyn Fn(BlockId) + Sync)) -> Result<()> {
+            self.mem.survey_non_zero(t, f)
+        }
+        fn stats(&self, report: &mut crate::stats::StatsReport) {
+            self.mem.stats(report)
+        }
+        fn reset_stats(&self) {}
+    }
+
+    /// Releases the store on every exit, so the cache's workers can stop.
+    struct ReleaseOnDrop(Arc<SlowAck>);
+
+    impl Drop for ReleaseOnDrop {
+        fn drop(&mut self) {
+            self.0.release();
+        }
+    }
+
+    #[test]
+    fn the_clean_entry_is_gone_before_an_upload_changes_the_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let mem = Arc::new(MemoryBackend::new(geometry(BS)));
+        mem.write_block(BlockId(3), Block::Data(&block_of(1)))
+            .unwrap();
+        let slow = Arc::new(SlowAck {
+            mem: Arc::clone(&mem),
+            released: parking_lot::Mutex::new(false),
+            wake: parking_lot::Condvar::new(),
+        });
+        let _release = ReleaseOnDrop(Arc::clone(&slow));
+        let cache = BlockCache::open(
+            Arc::clone(&slow) as Arc<dyn BlockStore>,
+            BlockCacheOptions {
+                size: 16,
+                threads: 2,
+                write_delay: Duration::ZERO,
+                read_ahead: 0,
+                file: Some(file_opts(&path)),
+                ..BlockCacheOptions::default()
+            },
+        )
+        .unwrap();
+        let mut buf = vec![0u8; BS];
+        cache.read_block(BlockId(3), &mut buf).unwrap();
+        let (_, entries) = CacheFile::open(&path, BS as u32, 16, false).unwrap();
+        assert_eq!(entries.len(), 1, "the read block is kept clean in the file");
+        cache
+            .write_block(BlockId(3), Block::Data(&block_of(2)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mem.stored(BlockId(3)) != Some(block_of(2)) {
+            assert!(Instant::now() < deadline, "upload did not start");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // A crash now would find the store changed: the old clean entry must be gone.
+        let (_, entries) = CacheFile::open(&path, BS as u32, 16, false).unwrap();
+        assert!(entries.is_empty(), "stale clean entry: {entries:?}");
+        slow.release();
+        cache.shutdown().unwrap();
+    }
+
+    #[test]
     fn a_file_of_another_block_size_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache");
