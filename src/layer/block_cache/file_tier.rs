@@ -53,6 +53,9 @@ pub(super) struct Tier {
     slots: HashMap<BlockId, Slot>,
     free: Vec<u32>,
     block_size: usize,
+    /// Keep blocks read from the store as clean entries. Only worth their syncs when the next
+    /// start trusts them (`no_verify`); otherwise it drops them anyway.
+    keep_clean: bool,
     /// What each dirty entry written by this process holds (`None` = zeros), so a flush skips
     /// blocks unchanged since the last one. Holding the buffer also keeps writers from
     /// changing it in place.
@@ -73,6 +76,7 @@ impl FileTier {
             slots: HashMap::new(),
             free: Vec::new(),
             block_size: block_size as usize,
+            keep_clean: opts.no_verify,
             persisted: HashMap::new(),
         };
         let mut recovered = Vec::new();
@@ -163,7 +167,7 @@ impl Tier {
 
     /// Keeps a block just read from the store (which has it as `etag`) as a clean entry.
     pub(super) fn store_clean(&mut self, block: BlockId, etag: Etag, data: &[u8]) -> Result<()> {
-        if self.slots.contains_key(&block) || is_zero(data) {
+        if !self.keep_clean || self.slots.contains_key(&block) || is_zero(data) {
             return Ok(());
         }
         let Some(index) = self.take_slots(1, &[], false)?.pop() else {
@@ -462,7 +466,11 @@ mod tests {
                 .write_block(BlockId(i), Block::Data(&block_of(0x40 + i as u8)))
                 .unwrap();
         }
-        let first = open_cache(&store, file_opts(&path)).unwrap();
+        let trusted = CacheFileOptions {
+            no_verify: true,
+            ..file_opts(&path)
+        };
+        let first = open_cache(&store, trusted.clone()).unwrap();
         let mut buf = vec![0u8; BS];
         for i in 0..4u32 {
             first.read_block(BlockId(i), &mut buf).unwrap();
@@ -470,10 +478,6 @@ mod tests {
         first.shutdown().unwrap();
         drop(first);
         let reads = store.reads.get();
-        let trusted = CacheFileOptions {
-            no_verify: true,
-            ..file_opts(&path)
-        };
         let second = open_cache(&store, trusted).unwrap();
         for i in 0..4u32 {
             second.read_block(BlockId(i), &mut buf).unwrap();
@@ -498,7 +502,11 @@ mod tests {
         store
             .write_block(BlockId(1), Block::Data(&block_of(1)))
             .unwrap();
-        let first = open_cache(&store, file_opts(&path)).unwrap();
+        let trusted = CacheFileOptions {
+            no_verify: true,
+            ..file_opts(&path)
+        };
+        let first = open_cache(&store, trusted.clone()).unwrap();
         let mut buf = vec![0u8; BS];
         first.read_block(BlockId(1), &mut buf).unwrap();
         first
@@ -506,10 +514,6 @@ mod tests {
             .unwrap();
         first.shutdown().unwrap();
         drop(first);
-        let trusted = CacheFileOptions {
-            no_verify: true,
-            ..file_opts(&path)
-        };
         let second = open_cache(&store, trusted).unwrap();
         second.read_block(BlockId(1), &mut buf).unwrap();
         assert_eq!(buf, block_of(2), "the stale clean entry must be gone");
@@ -609,7 +613,6 @@ mod tests {
             released: parking_lot::Mutex::new(false),
             wake: parking_lot::Condvar::new(),
         });
-        let _release = ReleaseOnDrop(Arc::clone(&slow));
         let cache = BlockCache::open(
             Arc::clone(&slow) as Arc<dyn BlockStore>,
             BlockCacheOptions {
@@ -617,11 +620,16 @@ mod tests {
                 threads: 2,
                 write_delay: Duration::ZERO,
                 read_ahead: 0,
-                file: Some(file_opts(&path)),
+                file: Some(CacheFileOptions {
+                    no_verify: true,
+                    ..file_opts(&path)
+                }),
                 ..BlockCacheOptions::default()
             },
         )
         .unwrap();
+        // Dropped before the cache, so its workers are not left waiting.
+        let _release = ReleaseOnDrop(Arc::clone(&slow));
         let mut buf = vec![0u8; BS];
         cache.read_block(BlockId(3), &mut buf).unwrap();
         let (_, entries) = CacheFile::open(&path, BS as u32, 16, false).unwrap();

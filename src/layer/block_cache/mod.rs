@@ -432,6 +432,10 @@ impl Shared {
         st.next_tick += 1;
         st.lru[self.lru_index(block)].insert(tick, (block, Instant::now()));
         st.entries.insert(block, EntryState::Clean { data, tick });
+        if !self.opts.timeout.is_zero() {
+            // A sleeping worker may know of no expiry yet: let it learn this one.
+            self.work.notify_one();
+        }
     }
 
     /// Moves a clean entry to the most recently used end.
