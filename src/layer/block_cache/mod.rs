@@ -15,6 +15,9 @@
 //!   current epoch and not being uploaded; otherwise it appends a version.
 //! - `used` (clean and reading entries plus dirty versions) never exceeds `size`; `dirty` (dirty
 //!   versions) never exceeds `max_dirty`.
+//! - With a cache file (`file_tier.rs`, spec 6.6) a flush ends once the newest data of every
+//!   dirty block is in the file; the epochs still upload in order in the background, and the
+//!   final flush of `shutdown` waits for them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
