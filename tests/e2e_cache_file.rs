@@ -117,3 +117,76 @@ fn recover_dirty_blocks_resumes_our_own_crashed_mount_without_force() {
         finished.stderr
     );
 }
+
+/// Removes every stored object, so only a cache file can still answer reads.
+fn empty_bucket(server: &S3Server) {
+    for entry in std::fs::read_dir(server.bucket_dir(BUCKET)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(path).unwrap();
+        } else {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+}
+
+fn write_then_unmount(binary: &std::path::Path, args: &[String], data: &[u8]) {
+    let mount = FuseMount::start(binary, args, BUCKET);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.file())
+        .unwrap();
+    file.write_all(data).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    let finished = mount.unmount();
+    assert!(finished.status.success(), "{}", finished.stderr);
+}
+
+fn read_all(binary: &std::path::Path, args: &[String], len: usize) -> Vec<u8> {
+    let mount = FuseMount::start(binary, args, BUCKET);
+    let mut back = vec![0u8; len];
+    std::fs::File::open(mount.file())
+        .unwrap()
+        .read_exact(&mut back)
+        .unwrap();
+    let finished = mount.unmount();
+    assert!(finished.status.success(), "{}", finished.stderr);
+    back
+}
+
+#[test]
+fn a_cache_file_written_by_c_s3backer_serves_our_reads() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = cache_dir.path().join("cache");
+    let data = pseudo_random(13, 1 << 20);
+    let server = S3Server::start(&[BUCKET]);
+    let plain = args(&server, &cache, &[]);
+    write_then_unmount(&common::mount::c_s3backer(), &plain, &data);
+    // C keeps blocks it reads in its cache file: read them once with C.
+    assert!(read_all(&common::mount::c_s3backer(), &plain, data.len()) == data);
+    empty_bucket(&server);
+    let trusted = args(&server, &cache, &["--blockCacheNoVerify"]);
+    assert!(
+        read_all(&ours(), &trusted, data.len()) == data,
+        "not served from C's file"
+    );
+}
+
+#[test]
+fn our_cache_file_serves_c_s3backer_reads() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = cache_dir.path().join("cache");
+    let data = pseudo_random(14, 1 << 20);
+    let server = S3Server::start(&[BUCKET]);
+    let trusted = args(&server, &cache, &["--blockCacheNoVerify"]);
+    write_then_unmount(&ours(), &trusted, &data);
+    // We keep blocks read from the store (when entries are trusted): read them once.
+    assert!(read_all(&ours(), &trusted, data.len()) == data);
+    empty_bucket(&server);
+    let c = common::mount::c_s3backer();
+    assert!(
+        read_all(&c, &trusted, data.len()) == data,
+        "not served from our file"
+    );
+}
