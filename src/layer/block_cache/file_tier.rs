@@ -200,16 +200,41 @@ impl Tier {
         }
     }
 
-    /// The newest version of `block` is uploaded: its dirty entry (an older or equal version)
-    /// is no longer needed.
-    pub(super) fn after_upload(&mut self, block: BlockId) -> Result<()> {
-        match self.slots.get(&block) {
-            Some(slot) => {
-                let index = slot.index;
-                self.release(block, index)
-            }
-            None => Ok(()),
+    /// The newest version of `block` (`uploaded`: its bytes and the store's ETag; `None` when
+    /// zero or the ETag is unknown) is uploaded: its dirty entry, an older or equal version, is
+    /// no longer needed. When the slot holds exactly this version it becomes a clean entry
+    /// instead (no sync: its data is synced already, and a crash before the entry reaches the
+    /// disk only uploads the same data again).
+    pub(super) fn after_upload(
+        &mut self,
+        block: BlockId,
+        uploaded: Option<(&Arc<[u8]>, Etag)>,
+    ) -> Result<()> {
+        let Some(&slot) = self.slots.get(&block) else {
+            return Ok(());
+        };
+        let persisted = self.persisted.get(&block).and_then(Option::as_ref);
+        if self.keep_clean
+            && let (Some((bytes, etag)), Some(persisted)) = (uploaded, persisted)
+            && Arc::ptr_eq(bytes, persisted)
+        {
+            let entry = DirEntry {
+                block,
+                etag,
+                dirty: false,
+            };
+            self.file.write_entry(slot.index, Some(entry))?;
+            self.slots.insert(
+                block,
+                Slot {
+                    index: slot.index,
+                    dirty: false,
+                },
+            );
+            self.persisted.remove(&block);
+            return Ok(());
         }
+        self.release(block, slot.index)
     }
 
     fn release(&mut self, block: BlockId, index: u32) -> Result<()> {
@@ -647,6 +672,59 @@ mod tests {
         assert!(entries.is_empty(), "stale clean entry: {entries:?}");
         slow.release();
         cache.shutdown().unwrap();
+    }
+
+    #[test]
+    fn flushed_blocks_stay_in_the_file_as_clean_entries_once_uploaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let store = Arc::new(MemoryBackend::new(geometry(BS)));
+        let trusted = CacheFileOptions {
+            no_verify: true,
+            ..file_opts(&path)
+        };
+        // Uploads wait for the flush, so the flush finds the blocks dirty.
+        let first = BlockCache::open(
+            Arc::clone(&store) as Arc<dyn BlockStore>,
+            BlockCacheOptions {
+                size: 16,
+                threads: 2,
+                write_delay: Duration::from_secs(60),
+                read_ahead: 0,
+                file: Some(trusted.clone()),
+                ..BlockCacheOptions::default()
+            },
+        )
+        .unwrap();
+        for i in 0..4u32 {
+            first
+                .write_block(BlockId(i), Block::Data(&block_of(0x20 + i as u8)))
+                .unwrap();
+        }
+        first.flush().unwrap();
+        first.shutdown().unwrap();
+        drop(first);
+        let (_, entries) = CacheFile::open(&path, BS as u32, 16, false).unwrap();
+        assert_eq!(entries.len(), 4);
+        for (_, entry) in &entries {
+            assert!(!entry.dirty);
+            let expected = store.stored(entry.block).unwrap();
+            assert_eq!(entry.etag, md5_of(&expected), "block {}", entry.block);
+        }
+        let reads = store.reads.get();
+        let second = open_cache(&store, trusted).unwrap();
+        let mut buf = vec![0u8; BS];
+        for i in 0..4u32 {
+            second.read_block(BlockId(i), &mut buf).unwrap();
+            assert_eq!(buf, block_of(0x20 + i as u8));
+        }
+        assert_eq!(store.reads.get(), reads, "served from the cache file");
+        second.shutdown().unwrap();
+    }
+
+    fn md5_of(data: &[u8]) -> Etag {
+        use md5::Digest;
+        md5::Md5::digest(data).into()
     }
 
     #[test]

@@ -905,10 +905,16 @@ impl Shared {
             // Taken before the state lock comes back (lock order: file, then state).
             (result, file.lock())
         });
+        let etag = result.as_ref().ok().and_then(|info| info.etag);
         self.finish_upload(st, block, result.map(|_| ()));
-        if matches!(st.entries.get(&block), Some(EntryState::Clean { .. })) {
+        if let Some(EntryState::Clean { data, .. }) = st.entries.get(&block) {
+            let bytes = match data {
+                Data::Bytes(bytes) => Some(Arc::clone(bytes)),
+                Data::Zero => None,
+            };
             MutexGuard::unlocked(st, || {
-                if let Err(e) = tier.after_upload(block) {
+                let uploaded = bytes.as_ref().zip(etag);
+                if let Err(e) = tier.after_upload(block, uploaded) {
                     tracing::error!(
                         "block {block}: uploaded, but its old dirty entry in the cache file \
                          cannot be removed (it would be uploaded again after a crash): {e}"
