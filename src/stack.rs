@@ -11,7 +11,8 @@ use crate::config::Config;
 use crate::daemon::Readiness;
 use crate::frontend::fuse::{self, FuseOptions};
 use crate::geometry::Geometry;
-use crate::layer::block_cache::{BlockCache, BlockCacheOptions};
+use crate::layer::block_cache::cache_file;
+use crate::layer::block_cache::{BlockCache, BlockCacheOptions, CacheFileOptions};
 use crate::layer::codec::{Codec, CodecConfig, Encryption};
 use crate::layer::zero_cache::ZeroCache;
 use crate::naming::Naming;
@@ -58,7 +59,11 @@ fn naming(config: &Config) -> Naming {
 /// `--reset-mounted-flag`: needs neither the disk size nor a password.
 pub fn reset_mounted_flag(config: &Config) -> Result<(), String> {
     let volume = Place::open(config)?.volume(config);
-    admin::reset::run(volume.as_ref(), config.quiet)
+    admin::reset::run(volume.as_ref(), config.quiet)?;
+    if let Some(path) = &config.block_cache_file {
+        cache_file::clear_mount_token(path).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 impl Stack {
@@ -112,13 +117,23 @@ impl Stack {
             Some(MountGuard::acquire(
                 self.volume.clone(),
                 MountTokenOptions {
-                    force: config.force,
+                    force: config.force || self.resumes_own_crash(config)?,
                     shared_disk: config.shared_disk_mode,
                     read_only: config.read_only,
                 },
             )?)
         };
-        let store = self.layers(config);
+        let token = guard.as_ref().and_then(|g| g.token()).unwrap_or(0);
+        let store = match self.layers(config, token) {
+            Ok(store) => store,
+            Err(e) => {
+                // Nothing was written: give the bucket back.
+                if let Some(guard) = guard {
+                    guard.release()?;
+                }
+                return Err(e);
+            }
+        };
         let mount_point = config
             .mount_point
             .clone()
@@ -164,13 +179,53 @@ impl Stack {
 
     /// The layers above the backend for a mount (spec 6.1): zero cache over block cache.
     /// Shared-disk mode caches nothing: other hosts write the same blocks.
-    fn layers(&self, config: &Config) -> Arc<dyn BlockStore> {
+    /// Spec 5.2 1(b): the bucket's token is the one in our cache file, so it is left over by
+    /// a crashed mount of ours; with `--blockCacheRecoverDirtyBlocks` that is no conflict.
+    fn resumes_own_crash(&self, config: &Config) -> Result<bool, String> {
+        let Some(path) = &config.block_cache_file else {
+            return Ok(false);
+        };
+        let disk = cache_file::read_mount_token(path).map_err(|e| e.to_string())?;
+        let Some(disk) = disk.filter(|&t| t != 0) else {
+            return Ok(false);
+        };
+        let Some(s3) = self.volume.read_mount_token().map_err(|e| e.to_string())? else {
+            return Ok(false);
+        };
+        if disk != s3 {
+            tracing::warn!(
+                "cache file \"{}\" mount token mismatch (disk:0x{disk:08x} != s3:0x{s3:08x})",
+                path.display()
+            );
+            return Ok(false);
+        }
+        if !config.block_cache_recover_dirty_blocks {
+            return Ok(false);
+        }
+        tracing::info!(
+            "recovering from unclean shutdown: dirty blocks in cache file will be written back to S3"
+        );
+        Ok(true)
+    }
+
+    /// `mount_token` goes into the cache file header while mounted.
+    fn layers(&self, config: &Config, mount_token: u32) -> Result<Arc<dyn BlockStore>, String> {
         if config.shared_disk_mode {
-            return self.backend.clone();
+            return Ok(self.backend.clone());
         }
         let mut store = self.backend.clone();
         if config.block_cache_size > 0 {
-            store = BlockCache::new(
+            let file = config
+                .block_cache_file
+                .clone()
+                .map(|path| CacheFileOptions {
+                    path,
+                    no_verify: config.block_cache_no_verify,
+                    recover_dirty: config.block_cache_recover_dirty_blocks,
+                    advise: config.block_cache_file_advise,
+                    mount_token,
+                });
+            store = BlockCache::open(
                 store,
                 BlockCacheOptions {
                     size: config.block_cache_size as usize,
@@ -182,15 +237,17 @@ impl Stack {
                     num_protected: config.block_cache_num_protected,
                     read_ahead: config.read_ahead,
                     read_ahead_trigger: config.read_ahead_trigger,
+                    file,
                     ..BlockCacheOptions::default()
                 },
-            );
+            )
+            .map_err(|e| e.to_string())?;
         }
         let zero_cache = Arc::new(ZeroCache::new(store));
         if config.list_blocks {
             zero_cache.start_survey(config.list_blocks_threads as usize);
         }
-        zero_cache
+        Ok(zero_cache)
     }
 
     pub fn geometry(&self) -> Geometry {

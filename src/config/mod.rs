@@ -213,7 +213,7 @@ pub struct Config {
     pub block_cache_max_dirty: u32,
     /// `--blockCacheSync`.
     pub block_cache_sync: bool,
-    /// `--blockCacheFile` (not supported yet: always `None`).
+    /// `--blockCacheFile`.
     pub block_cache_file: Option<PathBuf>,
     /// `--blockCacheNoVerify`.
     pub block_cache_no_verify: bool,
@@ -261,7 +261,6 @@ type TurnsOn = fn(&Flags) -> bool;
 /// Flags that parse but whose feature is not built yet, each with the test "does this value turn
 /// the feature on?". Checked only for flags actually given. Delete an entry when its feature lands.
 const NOT_YET_SUPPORTED: &[(&str, TurnsOn)] = &[
-    ("blockCacheFile", |f| f.block_cache_file.is_some()),
     ("md5CacheSize", |f| f.md5_cache_size > 0),
     ("md5CacheTime", |f| f.md5_cache_time > 0),
     ("minWriteDelay", |f| f.min_write_delay > 0),

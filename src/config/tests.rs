@@ -816,8 +816,7 @@ fn shared_disk_mode_forbids_cache_flags() {
 #[test]
 fn not_yet_supported_features_fail_when_turned_on() {
     for (flag, args) in [
-        ("blockCacheFile", &["--blockCacheFile=/tmp/c"][..]),
-        ("md5CacheSize", &["--md5CacheSize=10"]),
+        ("md5CacheSize", &["--md5CacheSize=10"][..]),
         ("md5CacheTime", &["--md5CacheTime=10"]),
         ("minWriteDelay", &["-o", "minWriteDelay=500"]),
         ("statsFileMirror", &["--statsFileMirror=/tmp/s"]),

@@ -15,6 +15,9 @@
 //!   current epoch and not being uploaded; otherwise it appends a version.
 //! - `used` (clean and reading entries plus dirty versions) never exceeds `size`; `dirty` (dirty
 //!   versions) never exceeds `max_dirty`.
+//! - With a cache file (`file_tier.rs`, spec 6.6) a flush ends once the newest data of every
+//!   dirty block is in the file; the epochs still upload in order in the background, and the
+//!   final flush of `shutdown` waits for them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,6 +31,11 @@ use crate::geometry::{BlockId, Geometry};
 use crate::stats::{Counter, StatsReport};
 use crate::store::{Block, BlockStore, ReadInfo, WriteInfo, is_zero};
 
+pub use file_tier::CacheFileOptions;
+use file_tier::FileTier;
+
+pub mod cache_file;
+mod file_tier;
 #[cfg(test)]
 mod tests;
 
@@ -57,6 +65,9 @@ pub struct BlockCacheOptions {
     pub read_ahead_trigger: u32,
     /// Pause before a failed upload is tried again (no C flag: C retries at once).
     pub retry_pause: Duration,
+    /// Persistent cache file (`--blockCacheFile`): flushed dirty blocks are safe in it before
+    /// they are uploaded, and clean blocks survive a restart.
+    pub file: Option<CacheFileOptions>,
 }
 
 impl Default for BlockCacheOptions {
@@ -73,6 +84,7 @@ impl Default for BlockCacheOptions {
             read_ahead: 4,
             read_ahead_trigger: 2,
             retry_pause: Duration::from_secs(1),
+            file: None,
         }
     }
 }
@@ -257,6 +269,7 @@ struct Shared {
     /// Wakes everyone else: an entry loaded, an upload done or failed, room freed.
     changed: Condvar,
     stats: CacheStats,
+    file: Option<FileTier>,
 }
 
 /// Write-back block cache decorating a lower store (spec 6.2, DESIGN "Data safety rules").
@@ -266,8 +279,17 @@ pub struct BlockCache {
 }
 
 impl BlockCache {
-    /// Builds the cache and starts its worker threads.
+    /// Builds a cache without a cache file and starts its worker threads.
+    ///
+    /// # Panics
+    /// When `opts.file` is set and the file cannot be opened: use [`BlockCache::open`] then.
     pub fn new(inner: Arc<dyn BlockStore>, opts: BlockCacheOptions) -> Arc<BlockCache> {
+        Self::open(inner, opts).expect("cannot open the block cache file")
+    }
+
+    /// Builds the cache, opens its cache file (if any, queueing the dirty blocks it recovers
+    /// for upload) and starts its worker threads.
+    pub fn open(inner: Arc<dyn BlockStore>, opts: BlockCacheOptions) -> Result<Arc<BlockCache>> {
         let geometry = inner.geometry();
         let mut opts = opts;
         // More slots than blocks would never be used (C caps the size the same way).
@@ -276,6 +298,14 @@ impl BlockCache {
         let max_dirty = match opts.max_dirty {
             0 => opts.size,
             n => n.min(opts.size),
+        };
+        let (file, recovered) = match &opts.file {
+            Some(file_opts) => {
+                let (tier, recovered) =
+                    FileTier::open(file_opts, geometry.block_size(), opts.size as u32)?;
+                (Some(tier), recovered)
+            }
+            None => (None, Vec::new()),
         };
         let shared = Arc::new(Shared {
             lower: inner,
@@ -286,7 +316,9 @@ impl BlockCache {
             changed: Condvar::new(),
             stats: CacheStats::default(),
             opts,
+            file,
         });
+        shared.recover(recovered);
         let workers = (0..shared.opts.threads)
             .map(|i| {
                 let shared = Arc::clone(&shared);
@@ -296,10 +328,10 @@ impl BlockCache {
                     .expect("cannot start block cache worker thread")
             })
             .collect();
-        Arc::new(BlockCache {
+        Ok(Arc::new(BlockCache {
             shared,
             workers: Mutex::new(workers),
-        })
+        }))
     }
 
     fn stop_workers(&self) {
@@ -323,6 +355,52 @@ impl Drop for BlockCache {
 }
 
 impl Shared {
+    /// Queues the dirty blocks found in the cache file for upload, as one epoch.
+    fn recover(&self, recovered: file_tier::Recovered) {
+        let mut st = self.state.lock();
+        for (block, buf) in recovered {
+            if !self.geometry.contains(block) {
+                tracing::error!("cache file holds dirty block {block} beyond end of disk: ignored");
+                continue;
+            }
+            let version = self.new_version(&mut st, Data::from_buf(buf));
+            let epoch = version.epoch;
+            st.used += 1;
+            st.entries.insert(
+                block,
+                EntryState::Dirty {
+                    versions: VecDeque::from([version]),
+                    uploading: false,
+                },
+            );
+            self.queue_front(&mut st, block, epoch);
+        }
+    }
+
+    /// Reads a block the cache does not hold (call without the state lock): from a clean entry
+    /// of the cache file, else from below (then kept in the file).
+    fn read_below(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
+        let Some(file) = &self.file else {
+            return self.lower.read_block(block, buf);
+        };
+        if file.lock().read_clean(block, buf)? {
+            return Ok(ReadInfo {
+                zero: is_zero(buf),
+                etag: None,
+            });
+        }
+        // Not under the file lock: other reads and uploads go on meanwhile. The block is
+        // `Reading`, so nothing else puts it in the file.
+        let info = self.lower.read_block(block, buf)?;
+        if let (false, Some(etag)) = (info.zero, info.etag)
+            && let Err(e) = file.lock().store_clean(block, etag, buf)
+        {
+            // The file is only a cache for clean data: go on without it.
+            tracing::warn!("block {block}: cannot keep it in the cache file: {e}");
+        }
+        Ok(info)
+    }
+
     fn block_size(&self) -> usize {
         self.geometry.block_size_usize()
     }
@@ -357,6 +435,10 @@ impl Shared {
         st.next_tick += 1;
         st.lru[self.lru_index(block)].insert(tick, (block, Instant::now()));
         st.entries.insert(block, EntryState::Clean { data, tick });
+        if !self.opts.timeout.is_zero() {
+            // A sleeping worker may know of no expiry yet: let it learn this one.
+            self.work.notify_one();
+        }
     }
 
     /// Moves a clean entry to the most recently used end.
@@ -439,7 +521,7 @@ impl Shared {
         st.used += 1;
         st.entries.insert(block, EntryState::Reading);
         let mut buf = vec![0u8; self.block_size()];
-        let result = MutexGuard::unlocked(st, || self.lower.read_block(block, &mut buf));
+        let result = MutexGuard::unlocked(st, || self.read_below(block, &mut buf));
         self.finish_load(st, block, result.map(|info| (info, buf)))?;
         Ok(true)
     }
@@ -715,14 +797,49 @@ impl Shared {
 
     // ----- flushing -----
 
-    /// Closes the current epoch and waits until it and all earlier ones are uploaded.
-    fn flush(&self) -> Result<()> {
+    /// Closes the current epoch and waits until it and all earlier ones are durable: in the
+    /// cache file when there is one (and `file_ok`), else uploaded.
+    fn flush(&self, file_ok: bool) -> Result<()> {
+        if file_ok && let Some(file) = &self.file {
+            let mut tier = file.lock();
+            let mut st = self.state.lock();
+            let target = self.close_epoch(&mut st);
+            let blocks: Vec<(BlockId, Option<Arc<[u8]>>)> = st
+                .entries
+                .iter()
+                .filter_map(|(&block, state)| match state {
+                    EntryState::Dirty { versions, .. } => match &versions.back()?.data {
+                        Data::Zero => Some((block, None)),
+                        Data::Bytes(bytes) => Some((block, Some(Arc::clone(bytes)))),
+                    },
+                    _ => None,
+                })
+                .collect();
+            drop(st);
+            if tier.persist_dirty(blocks)? {
+                return Ok(());
+            }
+            drop(tier);
+            tracing::debug!("cache file full of dirty blocks: flush waits for uploads");
+            let st = self.state.lock();
+            return self.wait_epochs(st, target);
+        }
         let mut st = self.state.lock();
+        let target = self.close_epoch(&mut st);
+        self.wait_epochs(st, target)
+    }
+
+    /// Closes the current epoch (its versions are due at once) and returns its number.
+    fn close_epoch(&self, st: &mut State) -> u64 {
         let target = st.current_epoch;
         st.current_epoch += 1;
-        let failures = st.upload_failures;
-        // Versions of closed epochs are due at once.
         self.work.notify_all();
+        target
+    }
+
+    /// Waits until every epoch up to `target` is uploaded, then flushes below.
+    fn wait_epochs(&self, mut st: MutexGuard<'_, State>, target: u64) -> Result<()> {
+        let failures = st.upload_failures;
         while st
             .epochs
             .first_key_value()
@@ -747,16 +864,18 @@ impl Shared {
         let mut st = self.state.lock();
         while !st.stopping {
             match self.next_job(&mut st) {
-                Job::Upload(block, data) => {
-                    let result = MutexGuard::unlocked(&mut st, || {
-                        self.lower.write_block(block, data.as_block())
-                    });
-                    self.finish_upload(&mut st, block, result.map(|_| ()));
-                }
+                Job::Upload(block, data) => match &self.file {
+                    None => {
+                        let result = MutexGuard::unlocked(&mut st, || {
+                            self.lower.write_block(block, data.as_block())
+                        });
+                        self.finish_upload(&mut st, block, result.map(|_| ()));
+                    }
+                    Some(file) => self.upload_with_file(&mut st, file, block, &data),
+                },
                 Job::Prefetch(block) => {
                     let mut buf = vec![0u8; self.block_size()];
-                    let result =
-                        MutexGuard::unlocked(&mut st, || self.lower.read_block(block, &mut buf));
+                    let result = MutexGuard::unlocked(&mut st, || self.read_below(block, &mut buf));
                     if let Err(e) = self.finish_load(&mut st, block, result.map(|i| (i, buf))) {
                         tracing::debug!("read-ahead of block {block} failed: {e}");
                     }
@@ -766,6 +885,45 @@ impl Shared {
                 }
                 Job::Wait(None) => self.work.wait(&mut st),
             }
+        }
+    }
+
+    /// Uploads `block` keeping the cache file's rules: its clean entry goes before the upload,
+    /// its dirty entry once the newest version is up.
+    fn upload_with_file(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        file: &FileTier,
+        block: BlockId,
+        data: &Data,
+    ) {
+        let (result, mut tier) = MutexGuard::unlocked(st, || {
+            let mut tier = file.lock();
+            let result = tier.before_upload(block);
+            drop(tier);
+            let result = result.and_then(|()| self.lower.write_block(block, data.as_block()));
+            // Taken before the state lock comes back (lock order: file, then state).
+            (result, file.lock())
+        });
+        let etag = result.as_ref().ok().and_then(|info| info.etag);
+        self.finish_upload(st, block, result.map(|_| ()));
+        if let Some(EntryState::Clean { data, .. }) = st.entries.get(&block) {
+            let bytes = match data {
+                Data::Bytes(bytes) => Some(Arc::clone(bytes)),
+                Data::Zero => None,
+            };
+            MutexGuard::unlocked(st, || {
+                let uploaded = bytes.as_ref().zip(etag);
+                if let Err(e) = tier.after_upload(block, uploaded) {
+                    tracing::error!(
+                        "block {block}: uploaded, but its old dirty entry in the cache file \
+                         cannot be removed (it would be uploaded again after a crash): {e}"
+                    );
+                }
+                drop(tier);
+            });
+        } else {
+            drop(tier);
         }
     }
 
@@ -969,7 +1127,7 @@ impl BlockStore for BlockCache {
     }
 
     fn flush(&self) -> Result<()> {
-        self.shared.flush()
+        self.shared.flush(true)
     }
 
     fn survey_non_zero(&self, threads: usize, found: &(dyn Fn(BlockId) + Sync)) -> Result<()> {
@@ -1038,7 +1196,10 @@ impl BlockStore for BlockCache {
     }
 
     fn shutdown(&self) -> Result<()> {
-        self.shared.flush()?;
+        self.shared.flush(false)?;
+        if let Some(file) = &self.shared.file {
+            file.lock().clear_mount_token()?;
+        }
         self.stop_workers();
         self.shared.lower.shutdown()
     }

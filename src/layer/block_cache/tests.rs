@@ -28,6 +28,7 @@ fn opts() -> BlockCacheOptions {
         read_ahead: 0,
         read_ahead_trigger: 2,
         retry_pause: Duration::from_millis(20),
+        file: None,
     }
 }
 
