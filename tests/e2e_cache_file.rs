@@ -3,10 +3,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-
 use common::S3Server;
-use common::mount::{FuseMount, ours, pseudo_random};
+use common::mount::{FuseMount, ours, pseudo_random, read_prefix, write_and_fsync};
 
 const BUCKET: &str = "cachefile";
 
@@ -35,15 +33,8 @@ fn fsynced_data_survives_kill_9_in_the_cache_file_and_is_recovered() {
     let mount = FuseMount::start(&ours(), &args(&lost_server, &cache, &[]), BUCKET);
     // The store goes away: nothing written from now on can be uploaded.
     lost_server.stop();
-    {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(mount.file())
-            .unwrap();
-        file.write_all(&data).unwrap();
-        file.sync_all()
-            .expect("fsync is satisfied by the cache file while the store is down");
-    }
+    write_and_fsync(&mount.file(), &data)
+        .expect("fsync is satisfied by the cache file while the store is down");
     mount.crash();
 
     // A new, empty bucket: the data can only come from the cache file.
@@ -54,11 +45,7 @@ fn fsynced_data_survives_kill_9_in_the_cache_file_and_is_recovered() {
         &["--blockCacheRecoverDirtyBlocks", "--force"],
     );
     let mount = FuseMount::start(&ours(), &recover, BUCKET);
-    let mut read_back = vec![0u8; data.len()];
-    std::fs::File::open(mount.file())
-        .unwrap()
-        .read_exact(&mut read_back)
-        .unwrap();
+    let read_back = read_prefix(&mount.file(), data.len());
     assert!(read_back == data, "recovered data differs");
     let finished = mount.unmount();
     assert!(finished.status.success(), "{}", finished.stderr);
@@ -81,14 +68,7 @@ fn recover_dirty_blocks_resumes_our_own_crashed_mount_without_force() {
     let data = pseudo_random(12, 1 << 20);
     let server = S3Server::start(&[BUCKET]);
     let mount = FuseMount::start(&ours(), &args(&server, &cache, &[]), BUCKET);
-    {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(mount.file())
-            .unwrap();
-        file.write_all(&data).unwrap();
-        file.sync_all().unwrap();
-    }
+    write_and_fsync(&mount.file(), &data).unwrap();
     mount.crash();
 
     // The bucket's token is still set: a plain mount is refused.
@@ -103,11 +83,7 @@ fn recover_dirty_blocks_resumes_our_own_crashed_mount_without_force() {
     // The token matches the cache file's: recovery needs no --force.
     let recover = args(&server, &cache, &["--blockCacheRecoverDirtyBlocks"]);
     let mount = FuseMount::start(&ours(), &recover, BUCKET);
-    let mut read_back = vec![0u8; data.len()];
-    std::fs::File::open(mount.file())
-        .unwrap()
-        .read_exact(&mut read_back)
-        .unwrap();
+    let read_back = read_prefix(&mount.file(), data.len());
     assert!(read_back == data, "data differs after recovery");
     let finished = mount.unmount();
     assert!(finished.status.success(), "{}", finished.stderr);
@@ -132,24 +108,14 @@ fn empty_bucket(server: &S3Server) {
 
 fn write_then_unmount(binary: &std::path::Path, args: &[String], data: &[u8]) {
     let mount = FuseMount::start(binary, args, BUCKET);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(mount.file())
-        .unwrap();
-    file.write_all(data).unwrap();
-    file.sync_all().unwrap();
-    drop(file);
+    write_and_fsync(&mount.file(), data).unwrap();
     let finished = mount.unmount();
     assert!(finished.status.success(), "{}", finished.stderr);
 }
 
 fn read_all(binary: &std::path::Path, args: &[String], len: usize) -> Vec<u8> {
     let mount = FuseMount::start(binary, args, BUCKET);
-    let mut back = vec![0u8; len];
-    std::fs::File::open(mount.file())
-        .unwrap()
-        .read_exact(&mut back)
-        .unwrap();
+    let back = read_prefix(&mount.file(), len);
     let finished = mount.unmount();
     assert!(finished.status.success(), "{}", finished.stderr);
     back

@@ -247,16 +247,8 @@ fn erase_asks_first_then_deletes_every_block_and_the_token() {
         &s3_args(&server, &["--size=8m", "--blockSize=64k"]),
         BUCKET,
     );
-    {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(mount.file())
-            .unwrap();
-        file.write_all(&common::mount::pseudo_random(5, 1 << 20))
-            .unwrap();
-        file.sync_all().unwrap();
-    }
+    common::mount::write_and_fsync(&mount.file(), &common::mount::pseudo_random(5, 1 << 20))
+        .unwrap();
     // fsync was a barrier: after SIGKILL the 16 blocks and the token are in the bucket.
     mount.crash();
     let bucket = server.bucket_dir(BUCKET);

@@ -374,3 +374,20 @@ pub fn verify_ext4_disk(
         done.stderr
     );
 }
+
+/// Writes `data` at the start of `path` and fsyncs it: the barrier every durability test relies on.
+pub fn write_and_fsync(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.write_all(data)?;
+    file.sync_all()
+}
+
+/// The first `len` bytes of `path`.
+pub fn read_prefix(path: &Path, len: usize) -> Vec<u8> {
+    let mut back = vec![0u8; len];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut back))
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    back
+}
