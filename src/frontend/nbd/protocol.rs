@@ -60,6 +60,16 @@ pub const INFO_NAME: u16 = 1;
 pub const INFO_DESCRIPTION: u16 = 2;
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
+// Commands.
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
 // Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
@@ -343,14 +353,14 @@ pub enum Command {
 impl Command {
     pub fn from_code(code: u16) -> Self {
         match code {
-            0 => Command::Read,
-            1 => Command::Write,
-            2 => Command::Disc,
-            3 => Command::Flush,
-            4 => Command::Trim,
-            5 => Command::Cache,
-            6 => Command::WriteZeroes,
-            7 => Command::BlockStatus,
+            CMD_READ => Command::Read,
+            CMD_WRITE => Command::Write,
+            CMD_DISC => Command::Disc,
+            CMD_FLUSH => Command::Flush,
+            CMD_TRIM => Command::Trim,
+            CMD_CACHE => Command::Cache,
+            CMD_WRITE_ZEROES => Command::WriteZeroes,
+            CMD_BLOCK_STATUS => Command::BlockStatus,
             other => Command::Unknown(other),
         }
     }
@@ -368,10 +378,7 @@ impl Command {
     }
 
     fn writes(self) -> bool {
-        matches!(
-            self,
-            Command::Write | Command::Trim | Command::WriteZeroes
-        )
+        matches!(self, Command::Write | Command::Trim | Command::WriteZeroes)
     }
 }
 
@@ -455,11 +462,13 @@ pub fn check_request(req: &Request, limits: &SessionLimits) -> Result<(), u32> {
         .is_some_and(|end| end <= limits.export_size);
     if !in_range {
         // The spec asks for ENOSPC when a write runs past the end.
-        return Err(if matches!(req.command, Command::Write | Command::WriteZeroes) {
-            ENOSPC
-        } else {
-            EINVAL
-        });
+        return Err(
+            if matches!(req.command, Command::Write | Command::WriteZeroes) {
+                ENOSPC
+            } else {
+                EINVAL
+            },
+        );
     }
     Ok(())
 }
@@ -617,7 +626,14 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    fn request_bytes(magic: u32, flags: u16, cmd: u16, cookie: u64, off: u64, len: u32) -> [u8; 28] {
+    fn request_bytes(
+        magic: u32,
+        flags: u16,
+        cmd: u16,
+        cookie: u64,
+        off: u64,
+        len: u32,
+    ) -> [u8; 28] {
         let mut b = [0u8; 28];
         b[0..4].copy_from_slice(&magic.to_be_bytes());
         b[4..6].copy_from_slice(&flags.to_be_bytes());
@@ -732,7 +748,10 @@ mod tests {
         assert_eq!(parse_option(OPT_LIST, &[]).unwrap(), ClientOption::List);
         assert!(parse_option(OPT_LIST, &[1]).is_err());
         assert!(parse_option(OPT_STRUCTURED_REPLY, &[0, 0]).is_err());
-        assert_eq!(parse_option(99, &[1, 2]).unwrap(), ClientOption::Unknown(99));
+        assert_eq!(
+            parse_option(99, &[1, 2]).unwrap(),
+            ClientOption::Unknown(99)
+        );
         assert_eq!(
             parse_option(OPT_EXPORT_NAME, b"disk").unwrap(),
             ClientOption::ExportName("disk".into())

@@ -24,8 +24,10 @@ use crate::layer::block_part::BlockPart;
 use crate::store::{BlockStore, is_zero};
 
 /// Where nbd-server and qemu-nbd listen by default.
-pub const DEFAULT_TCP: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 10809));
+pub const DEFAULT_TCP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    10809,
+));
 
 /// Requests of one connection executing at once.
 pub const DEFAULT_WORKERS: usize = 16;
@@ -418,7 +420,11 @@ fn invalid_data(err: impl std::fmt::Display) -> io::Error {
 
 /// Runs the option haggling; `None` when the client aborted or asked for an unknown export
 /// by `NBD_OPT_EXPORT_NAME` (which can only be refused by closing).
-fn negotiate(r: &mut impl Read, w: &mut impl Write, export: &Export) -> io::Result<Option<Session>> {
+fn negotiate(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    export: &Export,
+) -> io::Result<Option<Session>> {
     w.write_all(&p::encode_greeting())?;
     let mut flags = [0u8; 4];
     r.read_exact(&mut flags)?;
@@ -478,7 +484,11 @@ fn negotiate(r: &mut impl Read, w: &mut impl Write, export: &Export) -> io::Resu
             }
             ClientOption::Info { go, name, requests } => {
                 if !export.answers_to(&name) {
-                    reply(w, p::REP_ERR_UNKNOWN, format!("no export {name:?}").as_bytes())?;
+                    reply(
+                        w,
+                        p::REP_ERR_UNKNOWN,
+                        format!("no export {name:?}").as_bytes(),
+                    )?;
                     continue;
                 }
                 let flags = export.transmission_flags(session.structured);
@@ -507,7 +517,11 @@ fn negotiate(r: &mut impl Read, w: &mut impl Write, export: &Export) -> io::Resu
                     continue;
                 }
                 if !export.answers_to(&name) {
-                    reply(w, p::REP_ERR_UNKNOWN, format!("no export {name:?}").as_bytes())?;
+                    reply(
+                        w,
+                        p::REP_ERR_UNKNOWN,
+                        format!("no export {name:?}").as_bytes(),
+                    )?;
                     continue;
                 }
                 let selected = meta_context_selected(set, &queries);
