@@ -731,3 +731,40 @@ fn flush_and_fua_reach_the_store_and_zeroes_delete_blocks() {
     client.request_len(p::CMD_CACHE, 0, 4, 0, BS);
     assert_eq!(client.simple_reply(), (0, 4));
 }
+
+#[test]
+fn stop_waits_for_in_flight_requests() {
+    let server = TestServer::start_with(Duration::from_millis(300), |_| {});
+    let mut client = RawClient::connect(&server.socket());
+    client.go(false, false);
+    client.request(p::CMD_WRITE, 0, 1, 0, &[8; 512]);
+    // Let the server read the request and start the slow store write.
+    std::thread::sleep(Duration::from_millis(100));
+    let mem = server.mem.clone();
+    server.stop().unwrap();
+    assert_eq!(client.simple_reply(), (0, 1));
+    assert_eq!(
+        &mem.stored(BlockId(0)).expect("write completed")[..512],
+        &[8; 512]
+    );
+    assert!(client.is_closed());
+}
+
+#[test]
+fn tcp_export_serves_loopback_clients() {
+    // A free port: bind, read it, release (a race with other processes is unlikely here).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = TestServer::start_with(Duration::ZERO, |o| {
+        o.unix_socket = None;
+        o.tcp = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    });
+    assert!(!server.socket().exists());
+    let uri = format!("nbd://127.0.0.1:{port}/disk");
+    qemu_io(&uri, &["write -P 0x5a 123 4567", "read -P 0x5a 123 4567"]);
+    let json = run_ok("nbdinfo", &["--json", &uri]);
+    assert!(json.contains(&format!("\"export-size\": {SIZE}")), "{json}");
+}
