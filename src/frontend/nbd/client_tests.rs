@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Output};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,9 +16,10 @@ use rand::RngExt;
 use super::protocol as p;
 use super::server::{NbdOptions, serve};
 use crate::backend::memory::MemoryBackend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::geometry::{BlockId, Geometry};
-use crate::store::{Block, BlockStore};
+use crate::stats::StatsReport;
+use crate::store::{Block, BlockStore, ReadInfo, WriteInfo};
 
 const BS: u32 = 64 << 10;
 const SIZE: u64 = 64 << 20;
@@ -30,6 +31,7 @@ const CLIENT_TIMEOUT_SECS: &str = "120";
 struct TestServer {
     dir: tempfile::TempDir,
     mem: Arc<MemoryBackend>,
+    flushes: Arc<FlushProbe>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<()>>>,
 }
@@ -52,7 +54,12 @@ impl TestServer {
         tweak(&mut opts);
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let store: Arc<dyn BlockStore> = mem.clone();
+        let flushes = Arc::new(FlushProbe {
+            inner: mem.clone(),
+            count: AtomicUsize::new(0),
+            fail: AtomicBool::new(false),
+        });
+        let store: Arc<dyn BlockStore> = flushes.clone();
         let thread_stop = stop.clone();
         let thread = std::thread::spawn(move || {
             serve(
@@ -65,6 +72,7 @@ impl TestServer {
         let mut server = TestServer {
             dir,
             mem,
+            flushes,
             stop,
             thread: Some(thread),
         };
@@ -113,6 +121,47 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop_and_join();
+    }
+}
+
+/// Counts store flushes and can make them fail; everything else goes to the memory disk.
+struct FlushProbe {
+    inner: Arc<MemoryBackend>,
+    count: AtomicUsize,
+    fail: AtomicBool,
+}
+
+impl FlushProbe {
+    fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl BlockStore for FlushProbe {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+    fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
+        self.inner.read_block(block, buf)
+    }
+    fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo> {
+        self.inner.write_block(block, data)
+    }
+    fn flush(&self) -> Result<()> {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(Error::Other("injected flush failure".into()));
+        }
+        Ok(())
+    }
+    fn survey_non_zero(&self, threads: usize, found: &(dyn Fn(BlockId) + Sync)) -> Result<()> {
+        self.inner.survey_non_zero(threads, found)
+    }
+    fn stats(&self, report: &mut StatsReport) {
+        self.inner.stats(report)
+    }
+    fn reset_stats(&self) {
+        self.inner.reset_stats()
     }
 }
 
@@ -716,20 +765,43 @@ fn many_requests_of_one_connection_run_at_once() {
 }
 
 #[test]
-fn flush_and_fua_reach_the_store_and_zeroes_delete_blocks() {
+fn flush_and_fua_flush_the_store_and_zeroes_delete_blocks() {
     let server = TestServer::start();
     let mut client = RawClient::connect(&server.socket());
     client.go(true, false);
-    client.request(p::CMD_WRITE, p::CMD_FLAG_FUA, 1, 0, &vec![5; BS as usize]);
+    client.request(p::CMD_WRITE, 0, 1, 0, &vec![5; BS as usize]);
     assert_eq!(client.simple_reply(), (0, 1));
-    assert!(server.mem.stored(BlockId(0)).is_some());
-    client.request_len(p::CMD_WRITE_ZEROES, p::CMD_FLAG_NO_HOLE, 2, 0, BS);
+    assert_eq!(server.flushes.count(), 0);
+    client.request(p::CMD_WRITE, p::CMD_FLAG_FUA, 2, 0, &vec![6; BS as usize]);
     assert_eq!(client.simple_reply(), (0, 2));
-    assert_eq!(server.mem.stored(BlockId(0)), None);
-    client.request_len(p::CMD_FLUSH, 0, 3, 0, 0);
+    assert_eq!(server.flushes.count(), 1);
+    assert_eq!(server.mem.stored(BlockId(0)), Some(vec![6; BS as usize]));
+    client.request_len(p::CMD_WRITE_ZEROES, p::CMD_FLAG_NO_HOLE, 3, 0, BS);
     assert_eq!(client.simple_reply(), (0, 3));
-    client.request_len(p::CMD_CACHE, 0, 4, 0, BS);
+    assert_eq!(server.mem.stored(BlockId(0)), None);
+    client.request_len(p::CMD_FLUSH, 0, 4, 0, 0);
     assert_eq!(client.simple_reply(), (0, 4));
+    assert_eq!(server.flushes.count(), 2);
+    client.request_len(p::CMD_CACHE, 0, 5, 0, BS);
+    assert_eq!(client.simple_reply(), (0, 5));
+}
+
+#[test]
+fn failed_flushes_are_reported_to_the_client_and_by_serve() {
+    let server = TestServer::start();
+    server.flushes.fail.store(true, Ordering::SeqCst);
+    let mut client = RawClient::connect(&server.socket());
+    client.go(true, false);
+    client.request_len(p::CMD_FLUSH, 0, 1, 0, 0);
+    let (flags, kind, cookie, payload) = client.chunk();
+    assert_eq!(
+        (flags, kind, cookie),
+        (p::REPLY_FLAG_DONE, p::REPLY_TYPE_ERROR, 1)
+    );
+    assert_eq!(&payload[0..4], &p::EIO.to_be_bytes());
+    assert!(String::from_utf8_lossy(&payload[6..]).contains("injected flush failure"));
+    let err = server.stop().unwrap_err();
+    assert!(err.to_string().contains("injected flush failure"), "{err}");
 }
 
 #[test]
