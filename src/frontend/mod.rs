@@ -1,2 +1,3 @@
 //! Frontends: how the disk is exposed.
 pub mod fuse;
+pub mod nbd;
