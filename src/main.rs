@@ -47,7 +47,7 @@ fn run(config: &Config) -> Result<(), String> {
     } else {
         None
     };
-    let mut readiness = if config.mode == Mode::Mount && !config.foreground {
+    let mut readiness = if matches!(config.mode, Mode::Mount | Mode::Nbd) && !config.foreground {
         daemon::daemonize().map_err(|e| format!("can't go to the background: {e}"))?
     } else {
         Readiness::foreground()
@@ -56,5 +56,6 @@ fn run(config: &Config) -> Result<(), String> {
         Mode::ResetMountedFlag => stack::reset_mounted_flag(config),
         Mode::Erase => Stack::open(config, password)?.erase(config),
         Mode::Mount => Stack::open(config, password)?.mount(config, &mut readiness),
+        Mode::Nbd => Stack::open(config, password)?.serve_nbd(config, &mut readiness),
     }
 }

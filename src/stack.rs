@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::admin;
 use crate::backend::dir::DirBackend;
@@ -10,6 +11,7 @@ use crate::backend::s3::{CredentialFlags, S3Backend, S3Client, S3Options};
 use crate::config::Config;
 use crate::daemon::Readiness;
 use crate::frontend::fuse::{self, FuseOptions};
+use crate::frontend::nbd::{self, NbdOptions, device as nbd_device};
 use crate::geometry::Geometry;
 use crate::layer::block_cache::cache_file;
 use crate::layer::block_cache::{BlockCache, BlockCacheOptions, CacheFileOptions};
@@ -108,8 +110,115 @@ impl Stack {
             .map_err(|e| e.to_string())
     }
 
-    /// Mounts the FUSE file and serves until unmounted; then flushes and clears the mount token.
+    /// Mounts the FUSE file and serves until unmounted.
     pub fn mount(self, config: &Config, readiness: &mut Readiness) -> Result<(), String> {
+        let mount_point = config
+            .mount_point
+            .clone()
+            .expect("validated: mount point present");
+        let options = FuseOptions {
+            mount_point: mount_point.clone(),
+            filename: config.filename.clone(),
+            stats_filename: config.stats_filename.clone(),
+            file_mode: config.file_mode,
+            read_only: config.read_only,
+            direct_io: config.direct_io,
+            fsname: self.volume.description(),
+            mount_options: config.fuse_options.clone(),
+            threads: if config.single_threaded {
+                1
+            } else {
+                FUSE_THREADS
+            },
+            debug: config.debug,
+        };
+        let what = format!("unmount {}", mount_point.display());
+        self.serve(config, &mount_point.display().to_string(), &what, |store| {
+            tracing::info!("mounting {}", mount_point.display());
+            fuse::serve(store, &options, || readiness.ready())
+        })
+    }
+
+    /// Serves the disk over NBD until SIGINT/SIGTERM (or, with a device, until it is detached).
+    pub fn serve_nbd(self, config: &Config, readiness: &mut Readiness) -> Result<(), String> {
+        for arg in &config.nbd_ignored {
+            tracing::warn!("ignoring nbdkit argument \"{arg}\": the NBD server is built in");
+        }
+        let device = config.nbd_device.clone();
+        if let Some(device) = &device {
+            nbd_device::check_device(device)?;
+        }
+        let unix_socket = match (&config.nbd_socket, &device) {
+            (Some(path), _) => Some(path.clone()),
+            (None, Some(device)) => {
+                Some(nbd_device::socket_for(device).map_err(|e| e.to_string())?)
+            }
+            (None, None) => None,
+        };
+        let options = NbdOptions {
+            unix_socket,
+            tcp: config.nbd_listen,
+            export_name: config.nbd_name.clone(),
+            read_only: config.read_only,
+            description: self.volume.description(),
+            ..NbdOptions::default()
+        };
+        let listening = [
+            options
+                .unix_socket
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            options.tcp.map(|a| format!("nbd://{a}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" and ");
+        self.serve(config, &listening, "NBD server stop", |store| {
+            let stop_requested = Arc::new(AtomicBool::new(false));
+            nbd::stop_on_signals(&stop_requested)?;
+            tracing::info!("serving NBD on {listening}");
+            let Some(device) = device else {
+                return nbd::serve(store, &options, || readiness.ready(), stop_requested);
+            };
+            let socket = options.unix_socket.clone().expect("set for a device");
+            let stop_server = Arc::new(AtomicBool::new(false));
+            let mut attached = Ok(None);
+            let served = nbd::serve(
+                store,
+                &options,
+                || {
+                    attached = nbd_device::Attachment::start(
+                        &device,
+                        &socket,
+                        config.read_only,
+                        stop_requested.clone(),
+                        stop_server.clone(),
+                    )
+                    .map(Some);
+                    match &attached {
+                        Ok(_) => readiness.ready(),
+                        Err(_) => stop_server.store(true, Ordering::SeqCst),
+                    }
+                },
+                stop_server.clone(),
+            );
+            if let Some(attachment) = attached? {
+                attachment.join();
+            }
+            served
+        })
+    }
+
+    /// Claims the bucket, builds the layers, runs `frontend` over them until it returns, then
+    /// flushes everything and gives the mount token back. `what` names the end in messages.
+    fn serve(
+        self,
+        config: &Config,
+        target: &str,
+        what: &str,
+        frontend: impl FnOnce(Arc<dyn BlockStore>) -> crate::error::Result<()>,
+    ) -> Result<(), String> {
         // Test mode has no token object (like C); everything else claims the bucket first.
         let guard = if config.test_mode {
             None
@@ -134,45 +243,22 @@ impl Stack {
                 return Err(e);
             }
         };
-        let mount_point = config
-            .mount_point
-            .clone()
-            .expect("validated: mount point present");
         tracing::info!(
-            "s3backer process {} for {} started",
-            std::process::id(),
-            mount_point.display()
+            "s3backer process {} for {target} started",
+            std::process::id()
         );
-        let options = FuseOptions {
-            mount_point: mount_point.clone(),
-            filename: config.filename.clone(),
-            stats_filename: config.stats_filename.clone(),
-            file_mode: config.file_mode,
-            read_only: config.read_only,
-            direct_io: config.direct_io,
-            fsname: self.volume.description(),
-            mount_options: config.fuse_options.clone(),
-            threads: if config.single_threaded {
-                1
-            } else {
-                FUSE_THREADS
-            },
-            debug: config.debug,
-        };
-        tracing::info!("mounting {}", mount_point.display());
-        let served = fuse::serve(store.clone(), &options, || readiness.ready());
+        let served = frontend(store.clone());
         let flushed = served.and_then(|()| store.shutdown());
         match flushed {
             Ok(()) => {
                 if let Some(guard) = guard {
                     guard.release()?;
                 }
-                tracing::info!("unmount {}: completed", mount_point.display());
+                tracing::info!("{what}: completed");
                 Ok(())
             }
             Err(e) => Err(format!(
-                "unmount {}: NOT ALL DATA WAS WRITTEN: {e}; the mount token is left in place",
-                mount_point.display()
+                "{what}: NOT ALL DATA WAS WRITTEN: {e}; the mount token is left in place"
             )),
         }
     }

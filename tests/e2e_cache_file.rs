@@ -9,16 +9,8 @@ use common::mount::{FuseMount, ours, pseudo_random, read_prefix, write_and_fsync
 const BUCKET: &str = "cachefile";
 
 fn args(server: &S3Server, cache: &std::path::Path, extra: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        format!("--baseURL={}", server.base_url()),
-        "--accessId=testkey".to_string(),
-        "--accessKey=testsecret".to_string(),
-        "--timeout=2".to_string(),
-        "--maxRetryPause=1000".to_string(),
-        "--size=8m".to_string(),
-        "--blockSize=64k".to_string(),
-        format!("--blockCacheFile={}", cache.display()),
-    ];
+    let cache_flag = format!("--blockCacheFile={}", cache.display());
+    let mut args = server.args(&["--size=8m", "--blockSize=64k", &cache_flag]);
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }

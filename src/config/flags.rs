@@ -9,7 +9,8 @@ s3backer [options] BUCKET[/SUBDIR] MOUNTPOINT
        s3backer --test [options] DIR MOUNTPOINT
        s3backer --erase [options] BUCKET[/SUBDIR]
        s3backer --reset-mounted-flag [options] BUCKET[/SUBDIR]
-       s3backer --nbd [options] BUCKET[/SUBDIR] /dev/nbdX";
+       s3backer --nbd [options] BUCKET[/SUBDIR] /dev/nbdX
+       s3backer --nbd --nbd-socket=PATH|--nbd-listen=[HOST:]PORT [options] BUCKET[/SUBDIR]";
 
 const ABOUT: &str = "\
 s3backer exposes an S3 bucket as one fixed-size file through FUSE. Each block of the file is one \
@@ -247,10 +248,10 @@ pub(crate) struct Flags {
     /// Tell the kernel not to cache the cache file (posix_fadvise DONTNEED)
     #[arg(long = "blockCacheFileAdvise", help_heading = CACHE)]
     pub block_cache_file_advise: bool,
-    /// Number of blocks to read ahead
+    /// Number of blocks to read ahead (default 0 in NBD mode)
     #[arg(long = "readAhead", value_name = "N", default_value_t = 4, help_heading = CACHE)]
     pub read_ahead: u32,
-    /// Number of sequential block reads that trigger read-ahead
+    /// Number of sequential block reads that trigger read-ahead (default 0 in NBD mode)
     #[arg(long = "readAheadTrigger", value_name = "N", default_value_t = 2, help_heading = CACHE)]
     pub read_ahead_trigger: u32,
 
@@ -285,13 +286,22 @@ pub(crate) struct Flags {
     /// Use the local directory BUCKET instead of S3 (blocks stored as raw files)
     #[arg(long = "test", help_heading = MODES)]
     pub test: bool,
-    /// Serve the disk as a network block device /dev/nbdX instead of a FUSE file
+    /// Serve the disk over NBD (built-in server) and attach it to /dev/nbdX with nbd-client
     #[arg(long = "nbd", help_heading = MODES)]
     pub nbd: bool,
-    /// Extra nbdkit argument placed before the plugin name (repeatable)
+    /// NBD: listen on this Unix socket (serves without a /dev/nbdX device; implies --nbd)
+    #[arg(long = "nbd-socket", value_name = "PATH", help_heading = MODES)]
+    pub nbd_socket: Option<PathBuf>,
+    /// NBD: listen on this TCP address, [HOST:]PORT, 127.0.0.1 unless a host is given (implies --nbd)
+    #[arg(long = "nbd-listen", value_name = "ADDR", help_heading = MODES)]
+    pub nbd_listen: Option<String>,
+    /// NBD: export name announced to clients (clients asking for the default export "" get it too)
+    #[arg(long = "nbd-name", value_name = "NAME", default_value = "s3backer", help_heading = MODES)]
+    pub nbd_name: String,
+    /// Accepted for C compatibility and ignored: the NBD server is built in, there is no nbdkit
     #[arg(long = "nbd-flag", value_name = "ARG", action = ArgAction::Append, help_heading = MODES)]
     pub nbd_flag: Vec<String>,
-    /// Extra nbdkit argument placed after the plugin name (repeatable)
+    /// Accepted for C compatibility and ignored (see --nbd-flag)
     #[arg(long = "nbd-param", value_name = "ARG", action = ArgAction::Append, help_heading = MODES)]
     pub nbd_param: Vec<String>,
 

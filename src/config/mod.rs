@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -53,6 +54,8 @@ pub enum Mode {
     Erase,
     /// `--reset-mounted-flag`: delete the mounted flag, then exit.
     ResetMountedFlag,
+    /// `--nbd`: serve the disk over NBD.
+    Nbd,
 }
 
 pub use crate::backend::s3::AuthVersion;
@@ -243,12 +246,16 @@ pub struct Config {
     pub list_blocks_threads: u32,
     /// `--sharedDiskMode` (spec 5.3).
     pub shared_disk_mode: bool,
-    /// `--nbd` (not supported yet: always false).
-    pub nbd: bool,
-    /// `--nbd-flag`, in order.
-    pub nbd_flags: Vec<String>,
-    /// `--nbd-param`, in order.
-    pub nbd_params: Vec<String>,
+    /// NBD mode: `/dev/nbdX` to attach with nbd-client (positional after the bucket).
+    pub nbd_device: Option<PathBuf>,
+    /// `--nbd-socket`.
+    pub nbd_socket: Option<PathBuf>,
+    /// `--nbd-listen`, resolved.
+    pub nbd_listen: Option<SocketAddr>,
+    /// `--nbd-name`.
+    pub nbd_name: String,
+    /// `--nbd-flag` and `--nbd-param`: nbdkit arguments, which have no meaning here.
+    pub nbd_ignored: Vec<String>,
     /// `--test-errors`, `--test-delays`, `--test-discard` (not supported yet: always false).
     pub test_errors: bool,
     pub test_delays: bool,
@@ -268,7 +275,6 @@ const NOT_YET_SUPPORTED: &[(&str, TurnsOn)] = &[
     ("maxUploadSpeed", |f| f.max_upload_speed.is_some()),
     ("maxDownloadSpeed", |f| f.max_download_speed.is_some()),
     ("ipTOS", |f| f.ip_tos.is_some()),
-    ("nbd", |f| f.nbd),
     ("test-errors", |f| f.test_errors),
     ("test-delays", |f| f.test_delays),
     ("test-discard", |f| f.test_discard),
@@ -433,22 +439,47 @@ fn build_config(
         }
     }
 
+    let nbd = flags.nbd || flags.nbd_socket.is_some() || flags.nbd_listen.is_some();
     let mode = if flags.erase {
         Mode::Erase
     } else if flags.reset_mounted_flag {
         Mode::ResetMountedFlag
+    } else if nbd {
+        Mode::Nbd
     } else {
         Mode::Mount
     };
+    if nbd && mode != Mode::Nbd {
+        return Err(ConfigError::new(
+            r#""--nbd" cannot be combined with "--erase" or "--reset-mounted-flag""#,
+        ));
+    }
     let bucket_arg = flags
         .bucket
         .as_deref()
         .map(|arg| arg.strip_prefix(LEGACY_DEVICE_PREFIX).unwrap_or(arg))
         .ok_or_else(|| ConfigError::new("no S3 bucket specified"))?;
     let (bucket, prefix) = bucket_and_prefix(bucket_arg, flags.prefix.as_deref(), flags.test)?;
+    let serves_socket = flags.nbd_socket.is_some() || flags.nbd_listen.is_some();
+    let nbd_listen = flags
+        .nbd_listen
+        .as_deref()
+        .map(nbd_listen_address)
+        .transpose()?;
+    let mut nbd_device = None;
     let mount_point = match (mode, flags.mount_point) {
         (Mode::Mount, None) => return Err(ConfigError::new("no mount point specified")),
         (Mode::Mount, Some(mount_point)) => Some(mount_point),
+        (Mode::Nbd, None) if !serves_socket => {
+            return Err(ConfigError::new(
+                "no NBD device specified: give /dev/nbdX, or serve without a device with \
+                 \"--nbd-socket=PATH\" or \"--nbd-listen=[HOST:]PORT\"",
+            ));
+        }
+        (Mode::Nbd, device) => {
+            nbd_device = device;
+            None
+        }
         (_, Some(_)) => {
             return Err(ConfigError::new(
                 r#"no mount point should be specified with "--erase" or "--reset-mounted-flag""#,
@@ -635,17 +666,20 @@ fn build_config(
         block_cache_recover_dirty_blocks: flags.block_cache_recover_dirty_blocks,
         block_cache_num_protected: flags.block_cache_num_protected,
         block_cache_file_advise: flags.block_cache_file_advise,
-        read_ahead: flags.read_ahead,
-        read_ahead_trigger: flags.read_ahead_trigger,
+        // Spec 8.4: NBD clients do their own read-ahead.
+        read_ahead: nbd_default(mode, given, "readAhead", flags.read_ahead),
+        read_ahead_trigger: nbd_default(mode, given, "readAheadTrigger", flags.read_ahead_trigger),
         md5_cache_size: flags.md5_cache_size,
         md5_cache_time: ms(flags.md5_cache_time),
         min_write_delay: ms(flags.min_write_delay),
         list_blocks: flags.list_blocks,
         list_blocks_threads: flags.list_blocks_threads,
         shared_disk_mode: shared,
-        nbd: flags.nbd,
-        nbd_flags: flags.nbd_flag,
-        nbd_params: flags.nbd_param,
+        nbd_device,
+        nbd_socket: flags.nbd_socket,
+        nbd_listen,
+        nbd_name: flags.nbd_name,
+        nbd_ignored: flags.nbd_flag.into_iter().chain(flags.nbd_param).collect(),
         test_errors: flags.test_errors,
         test_delays: flags.test_delays,
         test_discard: flags.test_discard,
@@ -754,6 +788,27 @@ fn bucket_and_prefix(
 }
 
 /// Effective base URL (spec 2.1).
+/// NBD mode turns some features off unless the flag is given.
+fn nbd_default(mode: Mode, given: &Given, flag: &str, value: u32) -> u32 {
+    if mode == Mode::Nbd && !given.has(flag) {
+        0
+    } else {
+        value
+    }
+}
+
+/// `--nbd-listen`: `PORT` (on 127.0.0.1), `HOST:PORT` or `[IPV6]:PORT`.
+fn nbd_listen_address(arg: &str) -> Result<SocketAddr, ConfigError> {
+    let invalid = || ConfigError::new(format!("invalid \"--nbd-listen\" address \"{arg}\""));
+    if let Ok(port) = arg.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    arg.to_socket_addrs()
+        .map_err(|_| invalid())?
+        .next()
+        .ok_or_else(invalid)
+}
+
 fn base_url(given: Option<&str>, region: Option<&str>, ssl: bool) -> Result<String, ConfigError> {
     let Some(url) = given else {
         let scheme = if ssl { "https" } else { "http" };

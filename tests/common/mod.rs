@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod mount;
+pub mod nbd;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -98,6 +99,19 @@ impl S3Server {
     /// `http://127.0.0.1:PORT/`, the `--baseURL` of the server.
     pub fn base_url(&self) -> String {
         format!("http://{}/", self.endpoint())
+    }
+
+    /// The flags that point s3backer at this server (short timeouts), then `extra`.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            format!("--baseURL={}", self.base_url()),
+            format!("--accessId={ACCESS_KEY}"),
+            format!("--accessKey={SECRET_KEY}"),
+            "--timeout=10".to_string(),
+            "--maxRetryPause=5000".to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
     }
 
     pub fn data_dir(&self) -> PathBuf {
