@@ -1,5 +1,6 @@
 use super::*;
 use std::io::Write;
+use std::path::Path;
 
 fn parse(args: &[&str]) -> Result<Command, ConfigError> {
     parse_args(args.iter().map(OsString::from).collect())
@@ -823,7 +824,6 @@ fn not_yet_supported_features_fail_when_turned_on() {
         ("maxUploadSpeed", &["--maxUploadSpeed=10m"]),
         ("maxDownloadSpeed", &["--maxDownloadSpeed=10m"]),
         ("ipTOS", &["--ipTOS=lowdelay"]),
-        ("nbd", &["--nbd"]),
         ("test-errors", &["--test-errors"]),
         ("test-delays", &["--test-delays"]),
         ("test-discard", &["--test-discard"]),
@@ -844,17 +844,60 @@ fn not_yet_supported_features_accept_off_values() {
         "--md5CacheTime=0",
         "--minWriteDelay=0",
         "--blockCacheThreads=4",
-        "--nbd-flag=--verbose",
-        "--nbd-param=x=1",
-        "--nbd-param=y=2",
     ]);
     assert_eq!(
         (c.block_cache_size, c.read_ahead, c.md5_cache_size),
         (0, 0, 0)
     );
     assert_eq!(c.block_cache_threads, 4);
-    assert_eq!(c.nbd_flags, ["--verbose"]);
-    assert_eq!(c.nbd_params, ["x=1", "y=2"]);
+}
+
+#[test]
+fn nbd_mode_takes_a_device_or_a_socket() {
+    let c = config(&["--nbd", "bucket", "/dev/nbd0"]);
+    assert_eq!(c.mode, Mode::Nbd);
+    assert_eq!(c.nbd_device.as_deref(), Some(Path::new("/dev/nbd0")));
+    assert_eq!(c.mount_point, None);
+    assert_eq!(c.nbd_name, "s3backer");
+
+    let c = config(&["--nbd-socket=/run/s.sock", "--nbd-listen=10809", "bucket"]);
+    assert_eq!(c.mode, Mode::Nbd, "socket flags imply --nbd");
+    assert_eq!(c.nbd_device, None);
+    assert_eq!(c.nbd_socket.as_deref(), Some(Path::new("/run/s.sock")));
+    assert_eq!(c.nbd_listen, Some("127.0.0.1:10809".parse().unwrap()));
+    assert_eq!(
+        config(&["--nbd-listen=[::1]:99", "bucket"]).nbd_listen,
+        Some("[::1]:99".parse().unwrap())
+    );
+
+    let message = error(&["--nbd", "bucket"]);
+    assert!(message.starts_with("no NBD device specified"), "{message}");
+    assert!(message.contains("--nbd-socket=PATH"), "{message}");
+    assert_eq!(
+        error(&["--nbd-listen=nowhere:port", "bucket"]),
+        r#"invalid "--nbd-listen" address "nowhere:port""#
+    );
+    assert_eq!(
+        error(&["--nbd", "--erase", "bucket"]),
+        r#""--nbd" cannot be combined with "--erase" or "--reset-mounted-flag""#
+    );
+}
+
+#[test]
+fn nbd_mode_turns_read_ahead_off_unless_asked_and_ignores_nbdkit_arguments() {
+    let c = config(&[
+        "--nbd",
+        "--nbd-flag=--verbose",
+        "--nbd-param=x=1",
+        "bucket",
+        "/dev/nbd0",
+    ]);
+    assert_eq!((c.read_ahead, c.read_ahead_trigger), (0, 0));
+    assert_eq!(c.nbd_ignored, ["--verbose", "x=1"]);
+    let c = config(&["--nbd", "--readAhead=8", "bucket", "/dev/nbd0"]);
+    assert_eq!((c.read_ahead, c.read_ahead_trigger), (8, 0));
+    let c = mount(&[]);
+    assert_eq!((c.read_ahead, c.read_ahead_trigger), (4, 2));
 }
 
 /// Every flag of spec table 8.2.
