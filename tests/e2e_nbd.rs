@@ -106,7 +106,7 @@ fn nbdcopy_round_trip_of_256_mib_is_byte_identical_and_unwritten_ranges_are_hole
     let compare = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(&out)
-        .arg(&server.uri())
+        .arg(server.uri())
         .output()
         .unwrap();
     assert!(
