@@ -91,6 +91,12 @@ pub trait BlockStore: Send + Sync {
     /// Returns when every earlier write is durable in the backend.
     fn flush(&self) -> Result<()>;
 
+    /// True when this store knows, without any I/O, that `block` reads as zeros. A hint:
+    /// `false` means "unknown" (reading tells).
+    fn known_zero(&self, _block: BlockId) -> bool {
+        false
+    }
+
     /// Calls `found` for every block that is stored (non-zero), in no particular order,
     /// scanning with up to `threads` parallel listings.
     fn survey_non_zero(&self, threads: usize, found: &(dyn Fn(BlockId) + Sync)) -> Result<()>;

@@ -250,6 +250,10 @@ impl BlockStore for ZeroCache {
         self.inner.flush()
     }
 
+    fn known_zero(&self, block: BlockId) -> bool {
+        self.known_zero.get(block) || self.inner.known_zero(block)
+    }
+
     fn survey_non_zero(&self, threads: usize, found: &(dyn Fn(BlockId) + Sync)) -> Result<()> {
         self.inner.survey_non_zero(threads, found)
     }
@@ -310,6 +314,20 @@ mod tests {
         assert_eq!(report.get("zero_block_cache_read_hits"), Some("1"));
         assert_eq!(report.get("zero_block_cache_write_hits"), Some("1"));
         assert_eq!(report.get("zero_block_cache_size"), Some("0 blocks"));
+    }
+
+    #[test]
+    fn known_zero_hint_follows_what_was_read_and_written() {
+        let (_mem, zc) = setup(4);
+        assert!(!zc.known_zero(BlockId(2)), "nothing known yet");
+        zc.write_block(BlockId(2), Block::Zero).unwrap();
+        assert!(zc.known_zero(BlockId(2)));
+        zc.write_block(BlockId(2), Block::Data(&[3u8; 512]))
+            .unwrap();
+        assert!(!zc.known_zero(BlockId(2)));
+        let mut buf = vec![0u8; 512];
+        zc.read_block(BlockId(1), &mut buf).unwrap();
+        assert!(zc.known_zero(BlockId(1)), "an absent block read as zero");
     }
 
     #[test]

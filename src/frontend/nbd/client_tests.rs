@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Output};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ const CLIENT_TIMEOUT_SECS: &str = "120";
 struct TestServer {
     dir: tempfile::TempDir,
     mem: Arc<MemoryBackend>,
-    flushes: Arc<FlushProbe>,
+    flushes: Arc<Probe>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<()>>>,
 }
@@ -54,10 +54,12 @@ impl TestServer {
         tweak(&mut opts);
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let flushes = Arc::new(FlushProbe {
+        let flushes = Arc::new(Probe {
             inner: mem.clone(),
             count: AtomicUsize::new(0),
             fail: AtomicBool::new(false),
+            reads: AtomicUsize::new(0),
+            known_zero_from: AtomicU32::new(u32::MAX),
         });
         let store: Arc<dyn BlockStore> = flushes.clone();
         let thread_stop = stop.clone();
@@ -124,28 +126,35 @@ impl Drop for TestServer {
     }
 }
 
-/// Counts store flushes and can make them fail; everything else goes to the memory disk.
-struct FlushProbe {
+/// Counts store flushes (and can make them fail) and block reads, and claims to know that
+/// blocks from `known_zero_from` on are zero; everything else goes to the memory disk.
+struct Probe {
     inner: Arc<MemoryBackend>,
     count: AtomicUsize,
     fail: AtomicBool,
+    reads: AtomicUsize,
+    known_zero_from: AtomicU32,
 }
 
-impl FlushProbe {
+impl Probe {
     fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
     }
 }
 
-impl BlockStore for FlushProbe {
+impl BlockStore for Probe {
     fn geometry(&self) -> Geometry {
         self.inner.geometry()
     }
     fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read_block(block, buf)
     }
     fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo> {
         self.inner.write_block(block, data)
+    }
+    fn known_zero(&self, block: BlockId) -> bool {
+        block.0 >= self.known_zero_from.load(Ordering::SeqCst)
     }
     fn flush(&self) -> Result<()> {
         self.count.fetch_add(1, Ordering::SeqCst);
@@ -281,6 +290,24 @@ fn nbdinfo_map_reports_holes_for_unwritten_blocks() {
         ],
         "{map}"
     );
+}
+
+#[test]
+fn block_status_reads_only_blocks_not_known_to_be_zero() {
+    let server = TestServer::start();
+    server.write_block(0, 5);
+    server.flushes.known_zero_from.store(2, Ordering::SeqCst);
+    let map = run_ok("nbdinfo", &["--map", &server.uri()]);
+    let bs = u64::from(BS);
+    assert_eq!(
+        map.lines()
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>(),
+        [format!("0 {bs} 0"), format!("{bs} {} 3", SIZE - bs),],
+        "{map}"
+    );
+    // Blocks 0 and 1 were read to find out; the known-zero rest cost nothing.
+    assert_eq!(server.flushes.reads.load(Ordering::SeqCst), 2);
 }
 
 #[test]

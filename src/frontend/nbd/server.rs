@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn};
 
 use super::protocol::{self as p, ClientOption, Command, Extent, Request, SessionLimits};
 use crate::error::{Error, Result};
+use crate::geometry::BlockId;
 use crate::geometry::Geometry;
 use crate::layer::block_part::BlockPart;
 use crate::store::{BlockStore, is_zero};
@@ -811,37 +812,51 @@ fn zero_runs(offset: u64, buf: &[u8], block_size: u32) -> Vec<Run> {
     runs
 }
 
-/// base:allocation by reading: a block reads as zeros exactly when no object is stored for it.
+/// base:allocation: a block is a hole exactly when no object is stored for it. Blocks the
+/// stack knows are zero cost nothing; the others are read (in parallel runs) to find out.
 /// Covers at most [`p::MAX_PAYLOAD`] bytes per request (the client asks again for the rest).
 fn execute_block_status(export: &Export, replies: &Replies, request: &Request) {
     let geometry = export.geometry();
     let bs = u64::from(geometry.block_size());
     let start = request.offset;
     let end = start + u64::from(request.len.min(p::MAX_PAYLOAD));
-    let aligned_start = start / bs * bs;
-    let aligned_end = end.div_ceil(bs) * bs;
-    let mut buf = vec![0u8; (aligned_end - aligned_start) as usize];
-    if let Err(err) = export.part.read(aligned_start, &mut buf) {
-        return fail(replies, request, &err);
-    }
-    let skip = (start - aligned_start) as usize;
-    let covered = (end - start) as usize;
-    let mut extents: Vec<Extent> = zero_runs(aligned_start, &buf, geometry.block_size())
-        .into_iter()
-        .filter_map(|run| {
-            // Clip each run to the requested range.
-            let from = run.start.max(skip);
-            let to = (run.start + run.len).min(skip + covered);
-            (from < to).then(|| Extent {
-                len: (to - from) as u32,
-                flags: if run.zero {
-                    p::STATE_HOLE | p::STATE_ZERO
-                } else {
-                    0
-                },
-            })
-        })
+    let first = start / bs;
+    let last = end.div_ceil(bs);
+    let store = export.part.store();
+    let mut zero: Vec<bool> = (first..last)
+        .map(|b| store.known_zero(BlockId(b as u32)))
         .collect();
+    // Read each run of unknown blocks at once, so block_part fetches them in parallel.
+    let mut i = 0;
+    while i < zero.len() {
+        if zero[i] {
+            i += 1;
+            continue;
+        }
+        let run_end = (i..zero.len()).find(|&j| zero[j]).unwrap_or(zero.len());
+        let mut buf = vec![0u8; (run_end - i) * bs as usize];
+        if let Err(err) = export.part.read((first + i as u64) * bs, &mut buf) {
+            return fail(replies, request, &err);
+        }
+        for (k, block) in buf.chunks(bs as usize).enumerate() {
+            zero[i + k] = is_zero(block);
+        }
+        i = run_end;
+    }
+    let mut extents: Vec<Extent> = Vec::new();
+    for (k, &is_hole) in zero.iter().enumerate() {
+        let block_start = (first + k as u64) * bs;
+        let len = ((block_start + bs).min(end) - block_start.max(start)) as u32;
+        let flags = if is_hole {
+            p::STATE_HOLE | p::STATE_ZERO
+        } else {
+            0
+        };
+        match extents.last_mut() {
+            Some(last) if last.flags == flags => last.len += len,
+            _ => extents.push(Extent { len, flags }),
+        }
+    }
     if request.flags & p::CMD_FLAG_REQ_ONE != 0 {
         extents.truncate(1);
     }
