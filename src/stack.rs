@@ -144,6 +144,11 @@ impl Stack {
         for arg in &config.nbd_ignored {
             tracing::warn!("ignoring nbdkit argument \"{arg}\": the NBD server is built in");
         }
+        if let Some(addr) = config.nbd_listen.filter(|a| !a.ip().is_loopback()) {
+            tracing::warn!(
+                "NBD has no authentication: anyone who can reach {addr} can read and write this disk"
+            );
+        }
         let device = config.nbd_device.clone();
         if let Some(device) = &device {
             nbd_device::check_device(device)?;
