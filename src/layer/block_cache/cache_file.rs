@@ -260,24 +260,47 @@ impl CacheFile {
             .read_exact_at(&mut dir, u64::from(header.header_size))
             .map_err(|e| self.read_error(e, "directory"))?;
         let file_len = self.file_len()?;
-        let mut seen = std::collections::HashSet::new();
-        let mut entries = Vec::new();
+        let mut by_block = std::collections::HashMap::new();
+        let mut entries: Vec<(u32, DirEntry)> = Vec::new();
+        let mut losers = Vec::new();
         for (slot, raw) in (0u32..).zip(dir.chunks_exact(header.entry_size as usize)) {
             let Some(entry) =
                 DirEntry::decode(raw).map_err(|m| self.invalid(&format!("slot {slot}: {m}")))?
             else {
                 continue;
             };
-            if !seen.insert(entry.block) {
-                return Err(self.invalid(&format!(
-                    "corrupted cache file: block {} appears twice",
-                    entry.block
-                )));
-            }
             if self.slot_offset(slot) + u64::from(self.block_size) > file_len {
                 return Err(self.invalid(&format!("truncated: slot {slot} lies past the end")));
             }
-            entries.push((slot, entry));
+            let Some(&i) = by_block.get(&entry.block) else {
+                by_block.insert(entry.block, entries.len());
+                entries.push((slot, entry));
+                continue;
+            };
+            // A kill between writing a rewritten block's new entry and emptying its old one
+            // leaves two. Neither is newer than the last finished flush, so either is a state
+            // a disk could have had; prefer dirty (newer than the bucket), else the first.
+            let kept = entries[i];
+            let loser = if entry.dirty && !kept.1.dirty {
+                entries[i] = (slot, entry);
+                kept.0
+            } else {
+                slot
+            };
+            tracing::warn!(
+                "cache file \"{}\": block {} appears twice; keeping one copy",
+                self.path.display(),
+                entry.block
+            );
+            losers.push(loser);
+        }
+        // Emptied at once: a later rewrite must never find the stale copy beside a new one.
+        // (An old-format directory is rewritten by `open` without them.)
+        if header.header_size == NEW_HEADER_SIZE && !losers.is_empty() {
+            for &slot in &losers {
+                self.write_entry(slot, None)?;
+            }
+            self.sync()?;
         }
         Ok(entries)
     }
@@ -668,6 +691,25 @@ mod tests {
     }
 
     #[test]
+    fn a_block_found_twice_keeps_the_dirty_copy_and_empties_the_other_on_disk() {
+        let dir = tmp();
+        let path = dir.path().join("cache");
+        let (cache, _) = CacheFile::open(&path, BS, 4, false).unwrap();
+        cache.store(1, entry(7, false), &[1; BS as usize]).unwrap();
+        cache.store(3, entry(7, true), &[2; BS as usize]).unwrap();
+        drop(cache);
+        let (cache, entries) = CacheFile::open(&path, BS, 4, false).unwrap();
+        assert_eq!(entries, vec![(3, entry(7, true))]);
+        drop(cache);
+        let (_, entries) = CacheFile::open(&path, BS, 4, false).unwrap();
+        assert_eq!(
+            entries,
+            vec![(3, entry(7, true))],
+            "the clean copy is gone from disk"
+        );
+    }
+
+    #[test]
     fn mismatched_or_damaged_files_are_refused() {
         let dir = tmp();
         let path = dir.path().join("cache");
@@ -683,8 +725,6 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("block size is 512"), "{msg}");
-
-        assert!(open_err(&path, BS).contains("appears twice"));
 
         let mut bad = good.clone();
         bad[0] ^= 1;
