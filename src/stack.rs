@@ -14,6 +14,7 @@ use crate::geometry::Geometry;
 use crate::layer::block_cache::cache_file;
 use crate::layer::block_cache::{BlockCache, BlockCacheOptions, CacheFileOptions};
 use crate::layer::codec::{Codec, CodecConfig, Encryption};
+use crate::layer::ec_protect::{EcProtect, EcProtectOptions};
 use crate::layer::zero_cache::ZeroCache;
 use crate::naming::Naming;
 use crate::store::{BlockStore, Volume};
@@ -214,6 +215,12 @@ impl Stack {
             return Ok(self.backend.clone());
         }
         let mut store = self.backend.clone();
+        if config.md5_cache_size > 0 {
+            store = Arc::new(EcProtect::new(
+                store,
+                ec_protect_options(config, self.geometry)?,
+            ));
+        }
         if config.block_cache_size > 0 {
             let file = config
                 .block_cache_file
@@ -253,6 +260,19 @@ impl Stack {
     pub fn geometry(&self) -> Geometry {
         self.geometry
     }
+}
+
+/// Spec 6.5 settings; the deadlock check needs the disk size, known only here.
+fn ec_protect_options(config: &Config, geometry: Geometry) -> Result<EcProtectOptions, String> {
+    let options = EcProtectOptions {
+        cache_size: config.md5_cache_size as usize,
+        cache_time: Some(config.md5_cache_time).filter(|t| !t.is_zero()),
+        min_write_delay: config.min_write_delay,
+        stale_retry_initial: config.initial_retry_pause,
+        stale_retry_max: config.max_retry_pause,
+    };
+    options.validate(geometry)?;
+    Ok(options)
 }
 
 /// FUSE dispatch threads: each blocks on one request while the stack below works in parallel.

@@ -179,7 +179,7 @@ pub struct Config {
     pub filename: String,
     /// `--statsFilename`; `None` when given empty.
     pub stats_filename: Option<String>,
-    /// `--statsFileMirror` (not supported yet: always `None`).
+    /// `--statsFileMirror`.
     pub stats_file_mirror: Option<PathBuf>,
     /// `--statsFileMirrorInterval`.
     pub stats_file_mirror_interval: Duration,
@@ -229,7 +229,7 @@ pub struct Config {
     pub read_ahead_trigger: u32,
 
     // ---- Eventual consistency protection ----
-    /// `--md5CacheSize`; 0 = disabled.
+    /// `--md5CacheSize`; 0 = disabled (always with `--readOnly`).
     pub md5_cache_size: u32,
     /// `--md5CacheTime`; zero = forever.
     pub md5_cache_time: Duration,
@@ -261,10 +261,6 @@ type TurnsOn = fn(&Flags) -> bool;
 /// Flags that parse but whose feature is not built yet, each with the test "does this value turn
 /// the feature on?". Checked only for flags actually given. Delete an entry when its feature lands.
 const NOT_YET_SUPPORTED: &[(&str, TurnsOn)] = &[
-    ("md5CacheSize", |f| f.md5_cache_size > 0),
-    ("md5CacheTime", |f| f.md5_cache_time > 0),
-    ("minWriteDelay", |f| f.min_write_delay > 0),
-    ("statsFileMirror", |f| f.stats_file_mirror.is_some()),
     ("maxUploadSpeed", |f| f.max_upload_speed.is_some()),
     ("maxDownloadSpeed", |f| f.max_download_speed.is_some()),
     ("ipTOS", |f| f.ip_tos.is_some()),
@@ -556,6 +552,16 @@ fn build_config(
             r#""--maxRetryPause" must not be smaller than "--initialRetryPause""#,
         ));
     }
+    for (flag, value) in [
+        ("md5CacheTime", flags.md5_cache_time),
+        ("minWriteDelay", flags.min_write_delay),
+    ] {
+        if value != 0 && flags.md5_cache_size == 0 {
+            return Err(ConfigError::new(format!(
+                r#""--{flag}" requires "--md5CacheSize" > 0"#
+            )));
+        }
+    }
     if flags.md5_cache_time != 0 && flags.md5_cache_time < flags.min_write_delay {
         return Err(ConfigError::new(
             r#""--md5CacheTime" must not be smaller than "--minWriteDelay""#,
@@ -637,7 +643,12 @@ fn build_config(
         block_cache_file_advise: flags.block_cache_file_advise,
         read_ahead: flags.read_ahead,
         read_ahead_trigger: flags.read_ahead_trigger,
-        md5_cache_size: flags.md5_cache_size,
+        // Spec 6.5: nothing is written, so there is nothing to protect.
+        md5_cache_size: if flags.read_only {
+            0
+        } else {
+            flags.md5_cache_size
+        },
         md5_cache_time: ms(flags.md5_cache_time),
         min_write_delay: ms(flags.min_write_delay),
         list_blocks: flags.list_blocks,

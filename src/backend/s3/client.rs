@@ -775,4 +775,24 @@ mod tests {
         let (result, _) = hits_of(412);
         assert!(matches!(result, Err(Error::Stale(_))), "{result:?}");
     }
+
+    #[test]
+    fn if_match_get_answered_412_is_stale_at_once_for_the_caller_to_retry() {
+        let (url, hits) = fixed_status_server(412);
+        let client = fast_retry_client(&url);
+        let result = client.get_object(
+            "k",
+            crate::geometry::BlockId(0),
+            "deflate",
+            4096,
+            Some([7; 16]),
+        );
+        assert!(
+            matches!(result, Err(Error::Stale(_))),
+            "{:?}",
+            result.map(|_| ())
+        );
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(client.stats.stale.get(), 1);
+    }
 }
