@@ -17,6 +17,7 @@ use crate::layer::codec::{Codec, CodecConfig, Encryption};
 use crate::layer::ec_protect::{EcProtect, EcProtectOptions};
 use crate::layer::zero_cache::ZeroCache;
 use crate::naming::Naming;
+use crate::stats::StatsMirror;
 use crate::store::{BlockStore, Volume};
 use crate::volume::{self, MountGuard, MountTokenOptions, SizeRequest};
 
@@ -161,7 +162,12 @@ impl Stack {
             debug: config.debug,
         };
         tracing::info!("mounting {}", mount_point.display());
+        let mirror = config
+            .stats_file_mirror
+            .clone()
+            .map(|path| StatsMirror::start(store.clone(), path, config.stats_file_mirror_interval));
         let served = fuse::serve(store.clone(), &options, || readiness.ready());
+        drop(mirror); // spec 7: stopped first at unmount
         let flushed = served.and_then(|()| store.shutdown());
         match flushed {
             Ok(()) => {

@@ -1028,7 +1028,10 @@ fn md5_cache_flags_parse_and_are_checked_per_spec_6_5() {
     assert_eq!(c.md5_cache_size, 100);
     assert_eq!(c.md5_cache_time, Duration::from_millis(2000));
     assert_eq!(c.min_write_delay, Duration::from_millis(500));
-    assert_eq!(c.stats_file_mirror.as_deref(), Some(std::path::Path::new("/tmp/s")));
+    assert_eq!(
+        c.stats_file_mirror.as_deref(),
+        Some(std::path::Path::new("/tmp/s"))
+    );
     assert_eq!(
         mount_error(&["--minWriteDelay=10"]),
         r#""--minWriteDelay" requires "--md5CacheSize" > 0"#
