@@ -16,6 +16,7 @@ use crate::layer::block_cache::{BlockCache, BlockCacheOptions, CacheFileOptions}
 use crate::layer::codec::{Codec, CodecConfig, Encryption};
 use crate::layer::ec_protect::{EcProtect, EcProtectOptions};
 use crate::layer::zero_cache::ZeroCache;
+use crate::metrics::MetricsServer;
 use crate::naming::Naming;
 use crate::stats::StatsMirror;
 use crate::store::{BlockStore, Volume};
@@ -166,8 +167,15 @@ impl Stack {
             .stats_file_mirror
             .clone()
             .map(|path| StatsMirror::start(store.clone(), path, config.stats_file_mirror_interval));
+        let metrics = match config.prometheus_listen {
+            Some(addr) => Some(
+                MetricsServer::start(store.clone(), addr)
+                    .map_err(|e| format!("can't listen on {addr} for metrics: {e}"))?,
+            ),
+            None => None,
+        };
         let served = fuse::serve(store.clone(), &options, || readiness.ready());
-        drop(mirror); // spec 7: stopped first at unmount
+        drop((mirror, metrics)); // spec 7: stopped first at unmount
         let flushed = served.and_then(|()| store.shutdown());
         match flushed {
             Ok(()) => {

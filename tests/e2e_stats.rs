@@ -147,3 +147,73 @@ fn md5_cache_smaller_than_the_disk_with_infinite_time_is_refused() {
     let mount = FuseMount::start(&ours(), &args, BUCKET);
     assert!(mount.unmount().status.success());
 }
+
+/// One HTTP/1.0 GET to the metrics listener; the body.
+fn scrape(addr: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+}
+
+fn metric(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn prometheus_listener_serves_the_counters_of_a_live_mount() {
+    let server = S3Server::start(&[BUCKET]);
+    let args = s3_args(
+        &server,
+        &[
+            "--size=16m",
+            "--blockSize=64k",
+            "--prometheusListen=127.0.0.1:0",
+        ],
+    );
+    let mount = FuseMount::start(&ours(), &args, BUCKET);
+    // Port 0 lets the system choose; the log line tells which.
+    let log = wait_for(
+        "metrics log line",
+        || Some(mount.stderr()),
+        |t| t.contains("/metrics"),
+    );
+    let addr = log
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("address in the log line")
+        .to_string();
+    let before = scrape(&addr).expect("scrape");
+    let puts_before = metric(&before, "s3backer_http_puts_total").expect(&before);
+    assert!(
+        before.contains("# TYPE s3backer_block_cache_current_size gauge"),
+        "{before}"
+    );
+
+    let data = vec![0x5Au8; 300_000];
+    write_and_fsync(&mount.file(), &data).unwrap();
+    let after = scrape(&addr).expect("scrape");
+    let puts_after = metric(&after, "s3backer_http_puts_total").expect(&after);
+    assert!(
+        puts_after >= puts_before + 5,
+        "{puts_before} -> {puts_after}"
+    );
+    // The same figure as the stats file (nothing is written between the two reads).
+    let stats = mount.stats();
+    assert_eq!(
+        value(&stats, "http_puts"),
+        Some(puts_after.to_string().as_str())
+    );
+
+    let done = mount.unmount();
+    assert!(done.status.success(), "{}", done.stderr);
+    assert!(scrape(&addr).is_none(), "listener closed at unmount");
+}

@@ -181,6 +181,8 @@ pub struct Config {
     pub stats_filename: Option<String>,
     /// `--statsFileMirror`.
     pub stats_file_mirror: Option<PathBuf>,
+    /// `--prometheusListen` (ours): loopback address of the metrics listener.
+    pub prometheus_listen: Option<std::net::SocketAddr>,
     /// `--statsFileMirrorInterval`.
     pub stats_file_mirror_interval: Duration,
     /// `--fileMode`: permission bits of the data file (default 0600, 0400 with `--readOnly`).
@@ -562,6 +564,11 @@ fn build_config(
             )));
         }
     }
+    let prometheus_listen = flags
+        .prometheus_listen
+        .as_deref()
+        .map(parse_prometheus_listen)
+        .transpose()?;
     if flags.md5_cache_time != 0 && flags.md5_cache_time < flags.min_write_delay {
         return Err(ConfigError::new(
             r#""--md5CacheTime" must not be smaller than "--minWriteDelay""#,
@@ -623,6 +630,7 @@ fn build_config(
         stats_filename,
         stats_file_mirror: flags.stats_file_mirror,
         stats_file_mirror_interval: ms(flags.stats_file_mirror_interval),
+        prometheus_listen,
         file_mode,
         direct_io: flags.direct_io || shared,
         compression,
@@ -661,6 +669,21 @@ fn build_config(
         test_delays: flags.test_delays,
         test_discard: flags.test_discard,
     })
+}
+
+/// The counters carry no authentication, so they are only served on a loopback address.
+fn parse_prometheus_listen(text: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+        ConfigError::new(format!(
+            r#"invalid "--prometheusListen" value "{text}": expected ADDR:PORT, e.g. 127.0.0.1:9464"#
+        ))
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(ConfigError::new(format!(
+            r#""--prometheusListen" must be a loopback address (127.0.0.1, [::1]), not "{text}""#
+        )));
+    }
+    Ok(addr)
 }
 
 impl Config {

@@ -1050,3 +1050,14 @@ fn md5_cache_flags_parse_and_are_checked_per_spec_6_5() {
     );
     assert_eq!(mount(&["--md5CacheSize=5", "--readOnly"]).md5_cache_size, 0);
 }
+
+#[test]
+fn prometheus_listener_is_off_by_default_and_loopback_only() {
+    assert_eq!(mount(&[]).prometheus_listen, None);
+    let c = mount(&["--prometheusListen=127.0.0.1:9464"]);
+    assert_eq!(c.prometheus_listen, Some("127.0.0.1:9464".parse().unwrap()));
+    let c = mount(&["-o", "prometheusListen=[::1]:0"]);
+    assert_eq!(c.prometheus_listen, Some("[::1]:0".parse().unwrap()));
+    assert!(mount_error(&["--prometheusListen=0.0.0.0:9464"]).contains("loopback"));
+    assert!(mount_error(&["--prometheusListen=localhost"]).contains("ADDR:PORT"));
+}

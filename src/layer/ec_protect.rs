@@ -306,12 +306,15 @@ mod tests {
         Geometry::new(blocks * BS as u64, BS as u32).unwrap()
     }
 
+    /// A block's content before its last write (`None`: absent), and how many reads still see it.
+    type Previous = (Option<Vec<u8>>, usize);
+
     /// An eventually consistent store: after each write of a block, the next `lag` reads of it
     /// still see the version before that write. Records when each write started and ended.
     struct Lagging {
         inner: MemoryBackend,
         lag: usize,
-        old: Mutex<HashMap<BlockId, (Option<Vec<u8>>, usize)>>,
+        old: Mutex<HashMap<BlockId, Previous>>,
         reads: AtomicUsize,
         writes: Mutex<Vec<(BlockId, Instant, Instant)>>,
     }
