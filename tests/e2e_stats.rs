@@ -217,3 +217,18 @@ fn prometheus_listener_serves_the_counters_of_a_live_mount() {
     assert!(done.status.success(), "{}", done.stderr);
     assert!(scrape(&addr).is_none(), "listener closed at unmount");
 }
+
+#[test]
+fn ext4_over_the_md5_cache_with_a_min_write_delay_survives_remount() {
+    use common::mount::{verify_ext4_disk, write_ext4_disk};
+    let server = S3Server::start(&[BUCKET]);
+    let flags = [
+        "--blockSize=64k",
+        "--md5CacheSize=4096",
+        "--minWriteDelay=20",
+        "--blockCacheWriteDelay=0",
+    ];
+    let first = s3_args(&server, &[&["--size=256m"][..], &flags].concat());
+    let tree = write_ext4_disk(&ours(), &first, BUCKET, 11, 30);
+    verify_ext4_disk(&ours(), &s3_args(&server, &flags), BUCKET, &tree);
+}
