@@ -127,8 +127,19 @@ impl Stack {
             )?)
         };
         let token = guard.as_ref().and_then(|g| g.token()).unwrap_or(0);
-        let store = match self.layers(config, token) {
-            Ok(store) => store,
+        let layers = self.layers(config, token).and_then(|store| {
+            let metrics = match config.prometheus_listen {
+                Some(addr) => Some(MetricsServer::start(store.clone(), addr).map_err(|e| {
+                    // Stops the layers' threads; nothing was written yet.
+                    let _ = store.shutdown();
+                    format!("can't listen on {addr} for metrics: {e}")
+                })?),
+                None => None,
+            };
+            Ok((store, metrics))
+        });
+        let (store, metrics) = match layers {
+            Ok(started) => started,
             Err(e) => {
                 // Nothing was written: give the bucket back.
                 if let Some(guard) = guard {
@@ -167,13 +178,6 @@ impl Stack {
             .stats_file_mirror
             .clone()
             .map(|path| StatsMirror::start(store.clone(), path, config.stats_file_mirror_interval));
-        let metrics = match config.prometheus_listen {
-            Some(addr) => Some(
-                MetricsServer::start(store.clone(), addr)
-                    .map_err(|e| format!("can't listen on {addr} for metrics: {e}"))?,
-            ),
-            None => None,
-        };
         let served = fuse::serve(store.clone(), &options, || readiness.ready());
         drop((mirror, metrics)); // spec 7: stopped first at unmount
         let flushed = served.and_then(|()| store.shutdown());

@@ -232,3 +232,22 @@ fn ext4_over_the_md5_cache_with_a_min_write_delay_survives_remount() {
     let tree = write_ext4_disk(&ours(), &first, BUCKET, 11, 30);
     verify_ext4_disk(&ours(), &s3_args(&server, &flags), BUCKET, &tree);
 }
+
+#[test]
+fn a_taken_metrics_port_refuses_the_mount_and_gives_the_bucket_back() {
+    let server = S3Server::start(&[BUCKET]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = format!("--prometheusListen={}", taken.local_addr().unwrap());
+    let args = s3_args(&server, &["--size=16m", &listen]);
+    let finished = FuseMount::try_start(&ours(), &args, BUCKET)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(!finished.status.success());
+    assert!(
+        finished.stderr.contains("can't listen"),
+        "{}",
+        finished.stderr
+    );
+    let mount = FuseMount::start(&ours(), &s3_args(&server, &["--size=16m"]), BUCKET);
+    assert!(mount.unmount().status.success());
+}
