@@ -212,7 +212,7 @@ impl S3Client {
         }))
     }
 
-    /// PUT of an object with the headers of spec 2.3; returns the ETag (MD5 of the body).
+    /// PUT of an object with the headers of spec 2.3; returns its ETag.
     pub fn put_object(
         &self,
         key: &str,
@@ -226,7 +226,12 @@ impl S3Client {
         request.body = body;
         let reply = self.execute(&request, &|_| Ok(()))?;
         self.expect_success(&request, &reply)?;
-        Ok(Md5::digest(body).into())
+        // The server's ETag is what later GETs (and `If-Match`) see; it is not the body's MD5
+        // on every store (e.g. SSE-KMS), so our own MD5 is only the fallback.
+        Ok(reply
+            .header("etag")
+            .and_then(parse_quoted_hex::<16>)
+            .unwrap_or_else(|| Md5::digest(body).into()))
     }
 
     /// DELETE of an object; absent objects count as deleted.
