@@ -12,6 +12,7 @@ pub mod frontend;
 pub mod geometry;
 pub mod layer;
 pub mod logging;
+pub mod metrics;
 pub mod naming;
 pub mod stack;
 

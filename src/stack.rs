@@ -16,8 +16,11 @@ use crate::geometry::Geometry;
 use crate::layer::block_cache::cache_file;
 use crate::layer::block_cache::{BlockCache, BlockCacheOptions, CacheFileOptions};
 use crate::layer::codec::{Codec, CodecConfig, Encryption};
+use crate::layer::ec_protect::{EcProtect, EcProtectOptions};
 use crate::layer::zero_cache::ZeroCache;
+use crate::metrics::MetricsServer;
 use crate::naming::Naming;
+use crate::stats::StatsMirror;
 use crate::store::{BlockStore, Volume};
 use crate::volume::{self, MountGuard, MountTokenOptions, SizeRequest};
 
@@ -238,8 +241,19 @@ impl Stack {
             )?)
         };
         let token = guard.as_ref().and_then(|g| g.token()).unwrap_or(0);
-        let store = match self.layers(config, token) {
-            Ok(store) => store,
+        let layers = self.layers(config, token).and_then(|store| {
+            let metrics = match config.prometheus_listen {
+                Some(addr) => Some(MetricsServer::start(store.clone(), addr).map_err(|e| {
+                    // Stops the layers' threads; nothing was written yet.
+                    let _ = store.shutdown();
+                    format!("can't listen on {addr} for metrics: {e}")
+                })?),
+                None => None,
+            };
+            Ok((store, metrics))
+        });
+        let (store, metrics) = match layers {
+            Ok(started) => started,
             Err(e) => {
                 // Nothing was written: give the bucket back.
                 if let Some(guard) = guard {
@@ -252,7 +266,12 @@ impl Stack {
             "s3backer process {} for {target} started",
             std::process::id()
         );
+        let mirror = config
+            .stats_file_mirror
+            .clone()
+            .map(|path| StatsMirror::start(store.clone(), path, config.stats_file_mirror_interval));
         let served = frontend(store.clone());
+        drop((mirror, metrics)); // spec 7: stopped first at unmount
         let flushed = served.and_then(|()| store.shutdown());
         match flushed {
             Ok(()) => {
@@ -305,6 +324,12 @@ impl Stack {
             return Ok(self.backend.clone());
         }
         let mut store = self.backend.clone();
+        if config.md5_cache_size > 0 {
+            store = Arc::new(EcProtect::new(
+                store,
+                ec_protect_options(config, self.geometry)?,
+            ));
+        }
         if config.block_cache_size > 0 {
             let file = config
                 .block_cache_file
@@ -344,6 +369,19 @@ impl Stack {
     pub fn geometry(&self) -> Geometry {
         self.geometry
     }
+}
+
+/// Spec 6.5 settings; the deadlock check needs the disk size, known only here.
+fn ec_protect_options(config: &Config, geometry: Geometry) -> Result<EcProtectOptions, String> {
+    let options = EcProtectOptions {
+        cache_size: config.md5_cache_size as usize,
+        cache_time: Some(config.md5_cache_time).filter(|t| !t.is_zero()),
+        min_write_delay: config.min_write_delay,
+        stale_retry_initial: config.initial_retry_pause,
+        stale_retry_max: config.max_retry_pause,
+    };
+    options.validate(geometry)?;
+    Ok(options)
 }
 
 /// FUSE dispatch threads: each blocks on one request while the stack below works in parallel.

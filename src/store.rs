@@ -1,7 +1,7 @@
 //! The `BlockStore` trait that every layer and backend speaks, and the `Volume` trait for the
 //! per-bucket metadata (size detection, mount token) that only backends own.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::geometry::{BlockId, Geometry};
 use crate::stats::StatsReport;
 
@@ -56,6 +56,25 @@ pub trait BlockStore: Send + Sync {
 
     /// Reads a whole block into `buf` (`block_size` bytes). Absent blocks read as zeros.
     fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo>;
+
+    /// Reads a block whose last write stored the object with ETag `expect` (spec 6.5). Finding
+    /// anything else (an older version, or no object) is `Error::Stale`, never the old data.
+    /// S3 has the server check it (`If-Match`); the default compares the ETag it read.
+    fn read_block_expect(&self, block: BlockId, buf: &mut [u8], expect: Etag) -> Result<ReadInfo> {
+        let info = self.read_block(block, buf)?;
+        match info.etag {
+            Some(etag) if etag != expect => Err(Error::Stale(format!(
+                "block {block}: read ETag {} instead of {}",
+                hex::encode(etag),
+                hex::encode(expect)
+            ))),
+            None if info.zero => Err(Error::Stale(format!(
+                "block {block}: absent instead of ETag {}",
+                hex::encode(expect)
+            ))),
+            _ => Ok(info),
+        }
+    }
 
     /// Writes a whole block. Writing `Block::Zero` deletes the stored object.
     fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo>;

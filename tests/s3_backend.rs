@@ -478,3 +478,69 @@ fn compressed_blocks_are_read_without_compress_configured() {
     let reader = S3Backend::new(client, geometry, codec(None));
     assert_eq!(read(&reader, 3), (data, false));
 }
+
+#[test]
+fn if_match_reads_return_the_expected_version_or_stale() {
+    let server = S3Server::start(&[BUCKET]);
+    let (_, store) = backend(&server, Naming::new("", false), 8);
+    let v1 = store
+        .write_block(BlockId(3), Block::Data(&pattern(1)))
+        .unwrap()
+        .etag
+        .unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    let info = store.read_block_expect(BlockId(3), &mut buf, v1).unwrap();
+    assert_eq!((buf.clone(), info.etag), (pattern(1), Some(v1)));
+
+    let v2 = store
+        .write_block(BlockId(3), Block::Data(&pattern(2)))
+        .unwrap()
+        .etag
+        .unwrap();
+    let err = store
+        .read_block_expect(BlockId(3), &mut buf, v1)
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::ESTALE, "{err}");
+    store.write_block(BlockId(3), Block::Zero).unwrap();
+    let err = store
+        .read_block_expect(BlockId(3), &mut buf, v2)
+        .unwrap_err();
+    assert!(matches!(err, Error::Stale(_)), "absent object: {err}");
+
+    let mut report = s3backer::stats::StatsReport::default();
+    store.stats(&mut report);
+    assert_eq!(report.get("http_stale"), Some("2"));
+}
+
+#[test]
+fn ec_protect_over_s3_reads_back_writes_and_answers_zero_writes_locally() {
+    use s3backer::layer::ec_protect::{EcProtect, EcProtectOptions};
+    let server = S3Server::start(&[BUCKET]);
+    let (_, store) = backend(&server, Naming::new("", false), 8);
+    let ec = EcProtect::new(
+        Arc::new(store),
+        EcProtectOptions {
+            cache_size: 8,
+            cache_time: None,
+            min_write_delay: Duration::from_millis(5),
+            stale_retry_initial: Duration::from_millis(10),
+            stale_retry_max: Duration::from_millis(200),
+        },
+    );
+    for seed in 1..=3 {
+        ec.write_block(BlockId(1), Block::Data(&pattern(seed)))
+            .unwrap();
+        assert_eq!(read(&ec, 1), (pattern(seed), false));
+    }
+    ec.write_block(BlockId(1), Block::Zero).unwrap();
+    let mut report = s3backer::stats::StatsReport::default();
+    ec.stats(&mut report);
+    let gets = report.get("http_gets").unwrap().to_string();
+    assert_eq!(read(&ec, 1), (vec![0u8; BS as usize], true));
+    let mut report = s3backer::stats::StatsReport::default();
+    ec.stats(&mut report);
+    assert_eq!(report.get("http_gets"), Some(gets.as_str()), "no GET");
+    assert_eq!(report.get("md5_cache_data_hits"), Some("1"));
+    assert_eq!(report.get("http_stale"), Some("0"));
+    assert!(!object_exists(&server, "00000001"));
+}

@@ -179,6 +179,9 @@ pub(crate) struct Flags {
     /// Also write the statistics to this file periodically [default: none]
     #[arg(long = "statsFileMirror", value_name = "PATH", help_heading = DISK)]
     pub stats_file_mirror: Option<PathBuf>,
+    /// Serve the statistics as Prometheus metrics on http://ADDR:PORT/metrics (loopback only) [default: off]
+    #[arg(long = "prometheusListen", value_name = "ADDR:PORT", help_heading = DISK)]
+    pub prometheus_listen: Option<String>,
     /// Period of --statsFileMirror, in milliseconds
     #[arg(long = "statsFileMirrorInterval", value_name = "MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..), help_heading = DISK)]

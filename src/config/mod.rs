@@ -182,8 +182,10 @@ pub struct Config {
     pub filename: String,
     /// `--statsFilename`; `None` when given empty.
     pub stats_filename: Option<String>,
-    /// `--statsFileMirror` (not supported yet: always `None`).
+    /// `--statsFileMirror`.
     pub stats_file_mirror: Option<PathBuf>,
+    /// `--prometheusListen` (ours): loopback address of the metrics listener.
+    pub prometheus_listen: Option<std::net::SocketAddr>,
     /// `--statsFileMirrorInterval`.
     pub stats_file_mirror_interval: Duration,
     /// `--fileMode`: permission bits of the data file (default 0600, 0400 with `--readOnly`).
@@ -232,7 +234,7 @@ pub struct Config {
     pub read_ahead_trigger: u32,
 
     // ---- Eventual consistency protection ----
-    /// `--md5CacheSize`; 0 = disabled.
+    /// `--md5CacheSize`; 0 = disabled (always with `--readOnly`).
     pub md5_cache_size: u32,
     /// `--md5CacheTime`; zero = forever.
     pub md5_cache_time: Duration,
@@ -268,10 +270,6 @@ type TurnsOn = fn(&Flags) -> bool;
 /// Flags that parse but whose feature is not built yet, each with the test "does this value turn
 /// the feature on?". Checked only for flags actually given. Delete an entry when its feature lands.
 const NOT_YET_SUPPORTED: &[(&str, TurnsOn)] = &[
-    ("md5CacheSize", |f| f.md5_cache_size > 0),
-    ("md5CacheTime", |f| f.md5_cache_time > 0),
-    ("minWriteDelay", |f| f.min_write_delay > 0),
-    ("statsFileMirror", |f| f.stats_file_mirror.is_some()),
     ("maxUploadSpeed", |f| f.max_upload_speed.is_some()),
     ("maxDownloadSpeed", |f| f.max_download_speed.is_some()),
     ("ipTOS", |f| f.ip_tos.is_some()),
@@ -587,6 +585,21 @@ fn build_config(
             r#""--maxRetryPause" must not be smaller than "--initialRetryPause""#,
         ));
     }
+    for (flag, value) in [
+        ("md5CacheTime", flags.md5_cache_time),
+        ("minWriteDelay", flags.min_write_delay),
+    ] {
+        if value != 0 && flags.md5_cache_size == 0 {
+            return Err(ConfigError::new(format!(
+                r#""--{flag}" requires "--md5CacheSize" > 0"#
+            )));
+        }
+    }
+    let prometheus_listen = flags
+        .prometheus_listen
+        .as_deref()
+        .map(parse_prometheus_listen)
+        .transpose()?;
     if flags.md5_cache_time != 0 && flags.md5_cache_time < flags.min_write_delay {
         return Err(ConfigError::new(
             r#""--md5CacheTime" must not be smaller than "--minWriteDelay""#,
@@ -648,6 +661,7 @@ fn build_config(
         stats_filename,
         stats_file_mirror: flags.stats_file_mirror,
         stats_file_mirror_interval: ms(flags.stats_file_mirror_interval),
+        prometheus_listen,
         file_mode,
         direct_io: flags.direct_io || shared,
         compression,
@@ -669,7 +683,12 @@ fn build_config(
         // Spec 8.4: NBD clients do their own read-ahead.
         read_ahead: nbd_default(mode, given, "readAhead", flags.read_ahead),
         read_ahead_trigger: nbd_default(mode, given, "readAheadTrigger", flags.read_ahead_trigger),
-        md5_cache_size: flags.md5_cache_size,
+        // Spec 6.5: nothing is written, so there is nothing to protect.
+        md5_cache_size: if flags.read_only {
+            0
+        } else {
+            flags.md5_cache_size
+        },
         md5_cache_time: ms(flags.md5_cache_time),
         min_write_delay: ms(flags.min_write_delay),
         list_blocks: flags.list_blocks,
@@ -684,6 +703,21 @@ fn build_config(
         test_delays: flags.test_delays,
         test_discard: flags.test_discard,
     })
+}
+
+/// The counters carry no authentication, so they are only served on a loopback address.
+fn parse_prometheus_listen(text: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+        ConfigError::new(format!(
+            r#"invalid "--prometheusListen" value "{text}": expected ADDR:PORT, e.g. 127.0.0.1:9464"#
+        ))
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(ConfigError::new(format!(
+            r#""--prometheusListen" must be a loopback address (127.0.0.1, [::1]), not "{text}""#
+        )));
+    }
+    Ok(addr)
 }
 
 impl Config {

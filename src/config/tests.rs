@@ -817,11 +817,7 @@ fn shared_disk_mode_forbids_cache_flags() {
 #[test]
 fn not_yet_supported_features_fail_when_turned_on() {
     for (flag, args) in [
-        ("md5CacheSize", &["--md5CacheSize=10"][..]),
-        ("md5CacheTime", &["--md5CacheTime=10"]),
-        ("minWriteDelay", &["-o", "minWriteDelay=500"]),
-        ("statsFileMirror", &["--statsFileMirror=/tmp/s"]),
-        ("maxUploadSpeed", &["--maxUploadSpeed=10m"]),
+        ("maxUploadSpeed", &["--maxUploadSpeed=10m"][..]),
         ("maxDownloadSpeed", &["--maxDownloadSpeed=10m"]),
         ("ipTOS", &["--ipTOS=lowdelay"]),
         ("test-errors", &["--test-errors"]),
@@ -1061,4 +1057,50 @@ fn block_cache_and_read_ahead_flags_are_taken() {
     assert_eq!(c.block_cache_size, 500);
     assert_eq!(c.read_ahead, 8);
     assert_eq!(c.block_cache_write_delay, std::time::Duration::ZERO);
+}
+
+#[test]
+fn md5_cache_flags_parse_and_are_checked_per_spec_6_5() {
+    let c = mount(&[
+        "--md5CacheSize=100",
+        "--md5CacheTime=2000",
+        "-o",
+        "minWriteDelay=500",
+        "--statsFileMirror=/tmp/s",
+    ]);
+    assert_eq!(c.md5_cache_size, 100);
+    assert_eq!(c.md5_cache_time, Duration::from_millis(2000));
+    assert_eq!(c.min_write_delay, Duration::from_millis(500));
+    assert_eq!(
+        c.stats_file_mirror.as_deref(),
+        Some(std::path::Path::new("/tmp/s"))
+    );
+    assert_eq!(
+        mount_error(&["--minWriteDelay=10"]),
+        r#""--minWriteDelay" requires "--md5CacheSize" > 0"#
+    );
+    assert_eq!(
+        mount_error(&["--md5CacheTime=10"]),
+        r#""--md5CacheTime" requires "--md5CacheSize" > 0"#
+    );
+    assert_eq!(
+        mount_error(&[
+            "--md5CacheSize=5",
+            "--md5CacheTime=10",
+            "--minWriteDelay=20"
+        ]),
+        r#""--md5CacheTime" must not be smaller than "--minWriteDelay""#
+    );
+    assert_eq!(mount(&["--md5CacheSize=5", "--readOnly"]).md5_cache_size, 0);
+}
+
+#[test]
+fn prometheus_listener_is_off_by_default_and_loopback_only() {
+    assert_eq!(mount(&[]).prometheus_listen, None);
+    let c = mount(&["--prometheusListen=127.0.0.1:9464"]);
+    assert_eq!(c.prometheus_listen, Some("127.0.0.1:9464".parse().unwrap()));
+    let c = mount(&["-o", "prometheusListen=[::1]:0"]);
+    assert_eq!(c.prometheus_listen, Some("[::1]:0".parse().unwrap()));
+    assert!(mount_error(&["--prometheusListen=0.0.0.0:9464"]).contains("loopback"));
+    assert!(mount_error(&["--prometheusListen=localhost"]).contains("ADDR:PORT"));
 }

@@ -21,7 +21,6 @@ use tracing::{debug, error, info, warn};
 use crate::error::{Error, Result};
 use crate::geometry::Geometry;
 use crate::layer::block_part::BlockPart;
-use crate::stats::StatsReport;
 use crate::store::BlockStore;
 
 const ROOT_INO: INodeNo = INodeNo::ROOT;
@@ -472,11 +471,9 @@ impl DiskFs {
     }
 
     fn render_stats(&self) -> Vec<u8> {
-        let mut report = StatsReport::default();
-        self.store.stats(&mut report);
-        // C always ends with this counter; Rust aborts on allocation failure instead.
-        report.add("out_of_memory_errors", 0);
-        report.render().into_bytes()
+        crate::stats::report_of(self.store.as_ref())
+            .render()
+            .into_bytes()
     }
 
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {

@@ -2,4 +2,5 @@
 pub mod block_cache;
 pub mod block_part;
 pub mod codec;
+pub mod ec_protect;
 pub mod zero_cache;

@@ -713,7 +713,10 @@ mod tests {
         assert_eq!(error_code(b"junk"), "");
     }
 
-    /// A loopback server answering every request with `status`; returns its URL and hit count.
+    const SERVER_ETAG: &str = "00112233445566778899aabbccddeeff";
+
+    /// A loopback server answering every request with `status` (and `SERVER_ETAG`); returns
+    /// its URL and hit count.
     fn fixed_status_server(
         status: u16,
     ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
@@ -738,7 +741,7 @@ mod tests {
                 let mut out = stream;
                 let _ = write!(
                     out,
-                    "HTTP/1.1 {status} X\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    "HTTP/1.1 {status} X\r\nLocation: http://elsewhere/\r\nETag: \"{SERVER_ETAG}\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 );
             }
         });
@@ -774,5 +777,35 @@ mod tests {
         assert_eq!(hits, 1, "404 is final");
         let (result, _) = hits_of(412);
         assert!(matches!(result, Err(Error::Stale(_))), "{result:?}");
+    }
+
+    #[test]
+    fn if_match_get_answered_412_is_stale_at_once_for_the_caller_to_retry() {
+        let (url, hits) = fixed_status_server(412);
+        let client = fast_retry_client(&url);
+        let result = client.get_object(
+            "k",
+            crate::geometry::BlockId(0),
+            "deflate",
+            4096,
+            Some([7; 16]),
+        );
+        assert!(
+            matches!(result, Err(Error::Stale(_))),
+            "{:?}",
+            result.map(|_| ())
+        );
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(client.stats.stale.get(), 1);
+    }
+
+    #[test]
+    fn put_returns_the_servers_etag_even_when_it_is_not_the_body_md5() {
+        let (url, _) = fixed_status_server(200);
+        let client = fast_retry_client(&url);
+        let etag = client
+            .put_object("k", b"abc", "text/plain", Vec::new())
+            .unwrap();
+        assert_eq!(hex::encode(etag), SERVER_ETAG);
     }
 }

@@ -142,16 +142,25 @@ fn max_body(block_size: usize) -> u64 {
 
 impl S3Client {
     /// GET of an object; `None` when absent. A plain-MD5 ETag that does not match the body is
-    /// retried, then reported as `Corrupt`.
+    /// retried, then reported as `Corrupt`. With `if_match`, any other version (412, a server
+    /// that ignores `If-Match` and answers another ETag, or no object) is `Stale`.
     pub fn get_object(
         &self,
         key: &str,
         block: BlockId,
         accept_encoding: &str,
         max_body: u64,
+        if_match: Option<Etag>,
     ) -> Result<Option<Fetched>> {
         let mut request = Request::new(Method::GET, Some(key));
         request.headers = vec![("accept-encoding", accept_encoding.to_string())];
+        if let Some(etag) = if_match {
+            request
+                .headers
+                .push(("if-match", format!("\"{}\"", hex::encode(etag))));
+            // The caller (ec_protect) decides how long to wait for the new version.
+            request.final_statuses = &[412];
+        }
         request.max_body = max_body;
         let check_md5 = |reply: &Reply| match reply.header("etag") {
             Some(etag) if is_plain_md5_etag(etag) => {
@@ -169,6 +178,23 @@ impl S3Client {
             _ => Ok(()),
         };
         let reply = self.execute(&request, &check_md5)?;
+        if let Some(expected) = if_match {
+            let found = match reply.status {
+                412 => Some("another version".to_string()),
+                404 => Some("no object".to_string()),
+                _ => match reply.header("etag").and_then(parse_quoted_hex::<16>) {
+                    Some(etag) if etag != expected => Some(format!("ETag {}", hex::encode(etag))),
+                    _ => None,
+                },
+            };
+            if let Some(found) = found {
+                self.stats.stale.inc();
+                return Err(Error::Stale(format!(
+                    "GET {key}: found {found} instead of ETag {}",
+                    hex::encode(expected)
+                )));
+            }
+        }
         if reply.status == 404 {
             return Ok(None);
         }
@@ -186,7 +212,7 @@ impl S3Client {
         }))
     }
 
-    /// PUT of an object with the headers of spec 2.3; returns the ETag (MD5 of the body).
+    /// PUT of an object with the headers of spec 2.3; returns its ETag.
     pub fn put_object(
         &self,
         key: &str,
@@ -200,7 +226,12 @@ impl S3Client {
         request.body = body;
         let reply = self.execute(&request, &|_| Ok(()))?;
         self.expect_success(&request, &reply)?;
-        Ok(Md5::digest(body).into())
+        // The server's ETag is what later GETs (and `If-Match`) see; it is not the body's MD5
+        // on every store (e.g. SSE-KMS), so our own MD5 is only the fallback.
+        Ok(reply
+            .header("etag")
+            .and_then(parse_quoted_hex::<16>)
+            .unwrap_or_else(|| Md5::digest(body).into()))
     }
 
     /// DELETE of an object; absent objects count as deleted.
@@ -388,28 +419,14 @@ impl S3Backend {
         }
     }
 
-    fn check_writable(&self) -> Result<()> {
-        if self.client.opts.read_only {
-            Err(Error::ReadOnly)
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl BlockStore for S3Backend {
-    fn geometry(&self) -> Geometry {
-        self.geometry
-    }
-
-    fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
+    fn read(&self, block: BlockId, buf: &mut [u8], if_match: Option<Etag>) -> Result<ReadInfo> {
         self.check_block(block)?;
         let block_size = self.geometry.block_size_usize();
         let key = self.client.opts.naming.block_key(block);
         let accept = self.codec.accept_encoding();
-        let Some(fetched) = self
-            .client
-            .get_object(&key, block, &accept, max_body(block_size))?
+        let Some(fetched) =
+            self.client
+                .get_object(&key, block, &accept, max_body(block_size), if_match)?
         else {
             buf.fill(0);
             self.stats.zero_read.inc();
@@ -440,6 +457,28 @@ impl BlockStore for S3Backend {
             zero: false,
             etag: fetched.etag,
         })
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.client.opts.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl BlockStore for S3Backend {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
+        self.read(block, buf, None)
+    }
+
+    fn read_block_expect(&self, block: BlockId, buf: &mut [u8], expect: Etag) -> Result<ReadInfo> {
+        self.read(block, buf, Some(expect))
     }
 
     fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo> {
