@@ -108,6 +108,28 @@ impl S3Server {
         self.data_dir().join(bucket)
     }
 
+    /// s3s-fs keeps an object's bytes as a plain file...
+    pub fn object_path(&self, bucket: &str, key: &str) -> PathBuf {
+        self.bucket_dir(bucket).join(key)
+    }
+
+    /// ...its headers (Content-Encoding, user metadata) in a JSON sidecar...
+    pub fn object_metadata_path(&self, bucket: &str, key: &str) -> PathBuf {
+        self.sidecar(bucket, key, "metadata")
+    }
+
+    /// ...and its ETag (MD5) in another; without it the server computes the MD5 of the bytes.
+    pub fn object_internal_path(&self, bucket: &str, key: &str) -> PathBuf {
+        self.sidecar(bucket, key, "internal")
+    }
+
+    fn sidecar(&self, bucket: &str, key: &str, kind: &str) -> PathBuf {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        self.data_dir()
+            .join(format!(".bucket-{}.object-{}.{kind}.json", b64(bucket), b64(key)))
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.temp.path().join("s3s-fs.log")
     }
