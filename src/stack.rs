@@ -108,6 +108,28 @@ impl Stack {
             .map_err(|e| e.to_string())
     }
 
+    /// `--verify`: reads the backend directly (no cache, no mount token).
+    pub fn verify(&self, config: &Config) -> Result<(), String> {
+        let desc = self.volume.description();
+        let options = admin::verify::VerifyOptions {
+            quiet: config.quiet,
+            list_threads: config.list_blocks_threads as usize,
+            read_threads: VERIFY_THREADS,
+        };
+        let report = admin::verify::run(self.backend.as_ref(), &desc, options)?;
+        let damaged = report.damaged.len();
+        if damaged == 0 {
+            tracing::info!("verified {} stored blocks of {desc}: all intact", report.checked);
+            return Ok(());
+        }
+        let list: Vec<String> = report.damaged.iter().map(|(b, _)| b.to_string()).collect();
+        Err(format!(
+            "verified {} stored blocks of {desc}: {damaged} damaged: {}",
+            report.checked,
+            list.join(" ")
+        ))
+    }
+
     /// Mounts the FUSE file and serves until unmounted; then flushes and clears the mount token.
     pub fn mount(self, config: &Config, readiness: &mut Readiness) -> Result<(), String> {
         // Test mode has no token object (like C); everything else claims the bucket first.
@@ -254,6 +276,9 @@ impl Stack {
         self.geometry
     }
 }
+
+/// Parallel GETs of `--verify`: enough to hide the latency of a remote store.
+const VERIFY_THREADS: usize = 32;
 
 /// FUSE dispatch threads: each blocks on one request while the stack below works in parallel.
 const FUSE_THREADS: usize = 16;

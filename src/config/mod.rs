@@ -53,6 +53,8 @@ pub enum Mode {
     Erase,
     /// `--reset-mounted-flag`: delete the mounted flag, then exit.
     ResetMountedFlag,
+    /// `--verify`: check every stored block, then exit.
+    Verify,
 }
 
 pub use crate::backend::s3::AuthVersion;
@@ -437,6 +439,8 @@ fn build_config(
         Mode::Erase
     } else if flags.reset_mounted_flag {
         Mode::ResetMountedFlag
+    } else if flags.verify {
+        Mode::Verify
     } else {
         Mode::Mount
     };
@@ -451,7 +455,7 @@ fn build_config(
         (Mode::Mount, Some(mount_point)) => Some(mount_point),
         (_, Some(_)) => {
             return Err(ConfigError::new(
-                r#"no mount point should be specified with "--erase" or "--reset-mounted-flag""#,
+                r#"no mount point should be specified with "--erase", "--reset-mounted-flag" or "--verify""#,
             ));
         }
         (_, None) => None,
@@ -612,7 +616,8 @@ fn build_config(
         block_size,
         size,
         no_auto_detect: flags.no_auto_detect,
-        read_only: flags.read_only,
+        // `--verify` must never write, whatever else is given.
+        read_only: flags.read_only || mode == Mode::Verify,
         filename: flags.filename,
         stats_filename,
         stats_file_mirror: flags.stats_file_mirror,

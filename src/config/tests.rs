@@ -403,7 +403,7 @@ fn legacy_device_form_is_accepted() {
 #[test]
 fn mount_point_rules() {
     assert_eq!(error(&["bucket"]), "no mount point specified");
-    let message = r#"no mount point should be specified with "--erase" or "--reset-mounted-flag""#;
+    let message = r#"no mount point should be specified with "--erase", "--reset-mounted-flag" or "--verify""#;
     assert_eq!(error(&["--erase", "bucket", "/mnt"]), message);
     assert_eq!(error(&["--reset-mounted-flag", "bucket", "/mnt"]), message);
     let c = config(&["--erase", "bucket"]);
