@@ -119,7 +119,10 @@ impl Stack {
         let report = admin::verify::run(self.backend.as_ref(), &desc, options)?;
         let damaged = report.damaged.len();
         if damaged == 0 {
-            tracing::info!("verified {} stored blocks of {desc}: all intact", report.checked);
+            tracing::info!(
+                "verified {} stored blocks of {desc}: all intact",
+                report.checked
+            );
             return Ok(());
         }
         let list: Vec<String> = report.damaged.iter().map(|(b, _)| b.to_string()).collect();
@@ -132,6 +135,12 @@ impl Stack {
 
     /// Mounts the FUSE file and serves until unmounted; then flushes and clears the mount token.
     pub fn mount(self, config: &Config, readiness: &mut Readiness) -> Result<(), String> {
+        let mount_point = config
+            .mount_point
+            .clone()
+            .expect("validated: mount point present");
+        // Before the token is claimed: a mount that cannot work must not write to the bucket.
+        fuse::check_mount_point(&mount_point).map_err(|e| e.to_string())?;
         // Test mode has no token object (like C); everything else claims the bucket first.
         let guard = if config.test_mode {
             None
@@ -156,10 +165,6 @@ impl Stack {
                 return Err(e);
             }
         };
-        let mount_point = config
-            .mount_point
-            .clone()
-            .expect("validated: mount point present");
         tracing::info!(
             "s3backer process {} for {} started",
             std::process::id(),
@@ -182,7 +187,21 @@ impl Stack {
             debug: config.debug,
         };
         tracing::info!("mounting {}", mount_point.display());
-        let served = fuse::serve(store.clone(), &options, || readiness.ready());
+        let mut mounted = false;
+        let served = fuse::serve(store.clone(), &options, || {
+            mounted = true;
+            readiness.ready()
+        });
+        if !mounted {
+            // FUSE refused the mount: nothing was written through it, so give the bucket back
+            // instead of reporting lost data.
+            let error = served.err().map(|e| e.to_string()).unwrap_or_default();
+            let _ = store.shutdown();
+            if let Some(guard) = guard {
+                guard.release()?;
+            }
+            return Err(error);
+        }
         let flushed = served.and_then(|()| store.shutdown());
         match flushed {
             Ok(()) => {

@@ -98,7 +98,9 @@ impl Model {
         for block in 0..BLOCKS {
             let acked = self.acked.get(&block).copied().unwrap_or(0);
             let later = self.since_ack.get(&block).cloned().unwrap_or_default();
-            let candidates: Vec<u64> = std::iter::once(acked).chain(later.iter().copied()).collect();
+            let candidates: Vec<u64> = std::iter::once(acked)
+                .chain(later.iter().copied())
+                .collect();
             f.read_exact_at(&mut buf, (block * BLOCK) as u64)
                 .unwrap_or_else(|e| panic!("read block {block}: {e}"));
             if later.is_empty() {
@@ -213,7 +215,10 @@ fn crash_iterations(with_cache_file: bool, seed: u64) {
             "no cache file"
         }
     );
-    assert!(acks > n, "the workload acknowledged too little to prove anything");
+    assert!(
+        acks > n,
+        "the workload acknowledged too little to prove anything"
+    );
 }
 
 #[test]

@@ -98,7 +98,11 @@ fn edit(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
 /// Replaces `from` with `to` in a sidecar JSON, insisting it was there.
 fn edit_json(path: &Path, from: &str, to: &str) {
     let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.contains(from), "{from} not in {}: {text}", path.display());
+    assert!(
+        text.contains(from),
+        "{from} not in {}: {text}",
+        path.display()
+    );
     std::fs::write(path, text.replacen(from, to, 1)).unwrap();
 }
 
@@ -114,25 +118,41 @@ fn flipped_byte_is_eio_for_that_block_only() {
 #[test]
 fn truncated_object_is_eio_for_that_block_only() {
     scenario("truncated object", &[], &[], &[DAMAGED], |s| {
-        edit(&s.object_path(BUCKET, &key(DAMAGED)), |b| b.truncate(BLOCK / 2));
+        edit(&s.object_path(BUCKET, &key(DAMAGED)), |b| {
+            b.truncate(BLOCK / 2)
+        });
     });
 }
 
 #[test]
 fn truncated_object_with_a_matching_etag_is_eio() {
     // The server vouches for the short body: only the length check can catch it.
-    scenario("truncated object, ETag matching", &[], &[], &[DAMAGED], |s| {
-        edit(&s.object_path(BUCKET, &key(DAMAGED)), |b| b.truncate(BLOCK / 2));
-        std::fs::remove_file(s.object_internal_path(BUCKET, &key(DAMAGED))).unwrap();
-    });
+    scenario(
+        "truncated object, ETag matching",
+        &[],
+        &[],
+        &[DAMAGED],
+        |s| {
+            edit(&s.object_path(BUCKET, &key(DAMAGED)), |b| {
+                b.truncate(BLOCK / 2)
+            });
+            std::fs::remove_file(s.object_internal_path(BUCKET, &key(DAMAGED))).unwrap();
+        },
+    );
 }
 
 #[test]
 fn encrypted_flipped_byte_with_a_matching_etag_fails_the_hmac() {
-    scenario("encrypted, flipped byte, ETag matching", ENCRYPT, ENCRYPT, &[DAMAGED], |s| {
-        edit(&s.object_path(BUCKET, &key(DAMAGED)), |b| b[17] ^= 0x01);
-        std::fs::remove_file(s.object_internal_path(BUCKET, &key(DAMAGED))).unwrap();
-    });
+    scenario(
+        "encrypted, flipped byte, ETag matching",
+        ENCRYPT,
+        ENCRYPT,
+        &[DAMAGED],
+        |s| {
+            edit(&s.object_path(BUCKET, &key(DAMAGED)), |b| b[17] ^= 0x01);
+            std::fs::remove_file(s.object_internal_path(BUCKET, &key(DAMAGED))).unwrap();
+        },
+    );
 }
 
 #[test]
@@ -144,22 +164,32 @@ fn wrong_hmac_is_eio_for_that_block_only() {
         let at = text.find("s3backer-hmac\":\"").expect("hmac in metadata") + 16;
         let digit = &text[at..at + 1];
         let other = if digit == "0" { "1" } else { "0" };
-        edit_json(&path, &format!("hmac\":\"{digit}"), &format!("hmac\":\"{other}"));
+        edit_json(
+            &path,
+            &format!("hmac\":\"{digit}"),
+            &format!("hmac\":\"{other}"),
+        );
     });
 }
 
 #[test]
 fn another_blocks_object_fails_the_hmac() {
     // A valid object replayed under another block number: the HMAC covers the block number.
-    scenario("block 1 copied over block 2", ENCRYPT, ENCRYPT, &[DAMAGED], |s| {
-        for path in [
-            |s: &S3Server, k: &str| s.object_path(BUCKET, k),
-            |s: &S3Server, k: &str| s.object_metadata_path(BUCKET, k),
-            |s: &S3Server, k: &str| s.object_internal_path(BUCKET, k),
-        ] {
-            std::fs::copy(path(s, &key(1)), path(s, &key(DAMAGED))).unwrap();
-        }
-    });
+    scenario(
+        "block 1 copied over block 2",
+        ENCRYPT,
+        ENCRYPT,
+        &[DAMAGED],
+        |s| {
+            for path in [
+                |s: &S3Server, k: &str| s.object_path(BUCKET, k),
+                |s: &S3Server, k: &str| s.object_metadata_path(BUCKET, k),
+                |s: &S3Server, k: &str| s.object_internal_path(BUCKET, k),
+            ] {
+                std::fs::copy(path(s, &key(1)), path(s, &key(DAMAGED))).unwrap();
+            }
+        },
+    );
 }
 
 #[test]
@@ -189,11 +219,17 @@ fn unknown_content_encoding_is_eio_for_that_block_only() {
 #[test]
 fn deflate_label_on_raw_data_is_eio() {
     // A wrong but known encoding: the bytes are not a zlib stream.
-    scenario("wrong Content-Encoding (deflate on raw data)", &[], &[], &[DAMAGED], |s| {
-        let path = s.object_metadata_path(BUCKET, &key(DAMAGED));
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
-        json["content_encoding"] = serde_json::Value::String("deflate".into());
-        std::fs::write(&path, json.to_string()).unwrap();
-    });
+    scenario(
+        "wrong Content-Encoding (deflate on raw data)",
+        &[],
+        &[],
+        &[DAMAGED],
+        |s| {
+            let path = s.object_metadata_path(BUCKET, &key(DAMAGED));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            json["content_encoding"] = serde_json::Value::String("deflate".into());
+            std::fs::write(&path, json.to_string()).unwrap();
+        },
+    );
 }

@@ -112,7 +112,9 @@ fn verify_names_damaged_blocks_and_fails_while_the_disk_stays_mounted() {
     );
     let done = mount.unmount();
     assert!(done.status.success(), "{}", done.stderr);
-    println!("--verify: {WRITTEN} blocks checked on a mounted disk, the 2 damaged ones named, bucket untouched");
+    println!(
+        "--verify: {WRITTEN} blocks checked on a mounted disk, the 2 damaged ones named, bucket untouched"
+    );
 }
 
 #[test]
@@ -122,7 +124,11 @@ fn verify_checks_the_hmac_of_encrypted_blocks() {
     drop(write_disk(&server, &encrypt).unmount());
 
     let ok = verify(&server, &encrypt);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 
     let wrong = verify(&server, &["--encrypt", "--password=wrong horse"]);
     let stderr = String::from_utf8_lossy(&wrong.stderr);

@@ -32,7 +32,11 @@ pub struct VerifyReport {
 
 /// Checks every stored block of `store`; `Err` only when the check itself could not be done
 /// (listing failed, or a block could not be fetched for another reason than damage).
-pub fn run(store: &dyn BlockStore, desc: &str, opts: VerifyOptions) -> Result<VerifyReport, String> {
+pub fn run(
+    store: &dyn BlockStore,
+    desc: &str,
+    opts: VerifyOptions,
+) -> Result<VerifyReport, String> {
     if !opts.quiet {
         info!("verifying every stored block of {desc}...");
     }

@@ -126,8 +126,11 @@ impl S3Server {
     fn sidecar(&self, bucket: &str, key: &str, kind: &str) -> PathBuf {
         use base64::Engine;
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        self.data_dir()
-            .join(format!(".bucket-{}.object-{}.{kind}.json", b64(bucket), b64(key)))
+        self.data_dir().join(format!(
+            ".bucket-{}.object-{}.{kind}.json",
+            b64(bucket),
+            b64(key)
+        ))
     }
 
     /// s3s-fs renames a PUT's (complete) body into place before it writes the ETag sidecar,
