@@ -6,9 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::S3Server;
-use common::mount::{
-    FuseMount, UnmountOnDrop, ours, pseudo_random, run, write_and_fsync,
-};
+use common::mount::{FuseMount, UnmountOnDrop, ours, pseudo_random, run, write_and_fsync};
 
 const BUCKET: &str = "cachefs";
 
@@ -30,7 +28,13 @@ fn args(server: &S3Server, extra: &[&str]) -> Vec<String> {
 fn small_tmpfs(size: &str, options: &str) -> (tempfile::TempDir, UnmountOnDrop) {
     let dir = tempfile::tempdir().unwrap();
     run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}{options}"), "tmpfs"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}{options}"),
+            "tmpfs",
+        ])
         .arg(dir.path()));
     let guard = UnmountOnDrop(dir.path().to_path_buf());
     (dir, guard)
@@ -67,7 +71,11 @@ fn a_full_cache_file_disk_fails_the_fsync_with_enospc_and_says_so_at_unmount() {
     // What was never acknowledged is not pretended written: the unmount says so and fails.
     let done = mount.unmount();
     assert!(!done.status.success());
-    assert!(done.stderr.contains("NOT ALL DATA WAS WRITTEN"), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("NOT ALL DATA WAS WRITTEN"),
+        "{}",
+        done.stderr
+    );
     println!("full cache file disk: fsync failed with ENOSPC, unmount reported unwritten data");
 }
 
