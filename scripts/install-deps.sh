@@ -6,7 +6,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 need_apt=()
-for pkg in fuse3 e2fsprogs s3backer libnbd-bin nbdkit qemu-utils psmisc; do
+for pkg in fuse3 e2fsprogs s3backer libnbd-bin nbdkit qemu-utils psmisc python3-venv; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -20,5 +20,13 @@ if [ ! -x "$S3S_ROOT/bin/s3s-fs" ]; then
     echo "install-deps: cargo install s3s-fs 0.14.1 (about 2 minutes)"
     # 0.15+ needs a newer rustc than this machine's 1.95.
     cargo install s3s-fs@0.14.1 --locked --features binary --root "$S3S_ROOT" --quiet
+fi
+# moto: the test server whose conditional PUTs are atomic (s3s-fs checks If-None-Match before
+# it writes, so two racing creates both succeed there); used by the simultaneous-mount test.
+MOTO_ROOT="${MOTO_ROOT:-$HOME/.cache/s3backer-rs/moto}"
+if [ ! -x "$MOTO_ROOT/bin/moto_server" ]; then
+    echo "install-deps: pip install moto[server] 5.2.1 into $MOTO_ROOT"
+    python3 -m venv "$MOTO_ROOT"
+    "$MOTO_ROOT/bin/pip" install --quiet 'moto[server]==5.2.1'
 fi
 echo "install-deps: done"

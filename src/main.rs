@@ -55,6 +55,7 @@ fn run(config: &Config) -> Result<(), String> {
     match config.mode {
         Mode::ResetMountedFlag => stack::reset_mounted_flag(config),
         Mode::Erase => Stack::open(config, password)?.erase(config),
+        Mode::Verify => Stack::open(config, password)?.verify(config),
         Mode::Mount => Stack::open(config, password)?.mount(config, &mut readiness),
         Mode::Nbd => Stack::open(config, password)?.serve_nbd(config, &mut readiness),
     }

@@ -113,12 +113,39 @@ impl Stack {
             .map_err(|e| e.to_string())
     }
 
+    /// `--verify`: reads the backend directly (no cache, no mount token).
+    pub fn verify(&self, config: &Config) -> Result<(), String> {
+        let desc = self.volume.description();
+        let options = admin::verify::VerifyOptions {
+            quiet: config.quiet,
+            list_threads: config.list_blocks_threads as usize,
+            read_threads: VERIFY_THREADS,
+        };
+        let report = admin::verify::run(self.backend.as_ref(), &desc, options)?;
+        let damaged = report.damaged.len();
+        if damaged == 0 {
+            tracing::info!(
+                "verified {} stored blocks of {desc}: all intact",
+                report.checked
+            );
+            return Ok(());
+        }
+        let list: Vec<String> = report.damaged.iter().map(|(b, _)| b.to_string()).collect();
+        Err(format!(
+            "verified {} stored blocks of {desc}: {damaged} damaged: {}",
+            report.checked,
+            list.join(" ")
+        ))
+    }
+
     /// Mounts the FUSE file and serves until unmounted.
     pub fn mount(self, config: &Config, readiness: &mut Readiness) -> Result<(), String> {
         let mount_point = config
             .mount_point
             .clone()
             .expect("validated: mount point present");
+        // Before the token is claimed: a mount that cannot work must not write to the bucket.
+        fuse::check_mount_point(&mount_point).map_err(|e| e.to_string())?;
         let options = FuseOptions {
             mount_point: mount_point.clone(),
             filename: config.filename.clone(),
@@ -136,9 +163,10 @@ impl Stack {
             debug: config.debug,
         };
         let what = format!("unmount {}", mount_point.display());
-        self.serve(config, &mount_point.display().to_string(), &what, |store| {
+        let target = mount_point.display().to_string();
+        self.serve(config, readiness, &target, &what, |store, ready| {
             tracing::info!("mounting {}", mount_point.display());
-            fuse::serve(store, &options, || readiness.ready())
+            fuse::serve(store, &options, ready)
         })
     }
 
@@ -182,50 +210,58 @@ impl Stack {
         .flatten()
         .collect::<Vec<_>>()
         .join(" and ");
-        self.serve(config, &listening, "NBD server stop", |store| {
-            let stop_requested = Arc::new(AtomicBool::new(false));
-            nbd::stop_on_signals(&stop_requested)?;
-            tracing::info!("serving NBD on {listening}");
-            let Some(device) = device else {
-                return nbd::serve(store, &options, || readiness.ready(), stop_requested);
-            };
-            let socket = options.unix_socket.clone().expect("set for a device");
-            let stop_server = Arc::new(AtomicBool::new(false));
-            let mut attached = Ok(None);
-            let served = nbd::serve(
-                store,
-                &options,
-                || {
-                    attached = nbd_device::Attachment::start(
-                        &device,
-                        &socket,
-                        config.read_only,
-                        stop_requested.clone(),
-                        stop_server.clone(),
-                    )
-                    .map(Some);
-                    match &attached {
-                        Ok(_) => readiness.ready(),
-                        Err(_) => stop_server.store(true, Ordering::SeqCst),
-                    }
-                },
-                stop_server.clone(),
-            );
-            if let Some(attachment) = attached? {
-                attachment.join();
-            }
-            served
-        })
+        self.serve(
+            config,
+            readiness,
+            &listening,
+            "NBD server stop",
+            |store, ready| {
+                let stop_requested = Arc::new(AtomicBool::new(false));
+                nbd::stop_on_signals(&stop_requested)?;
+                tracing::info!("serving NBD on {listening}");
+                let Some(device) = device else {
+                    return nbd::serve(store, &options, ready, stop_requested);
+                };
+                let socket = options.unix_socket.clone().expect("set for a device");
+                let stop_server = Arc::new(AtomicBool::new(false));
+                let mut attached = Ok(None);
+                let served = nbd::serve(
+                    store,
+                    &options,
+                    || {
+                        attached = nbd_device::Attachment::start(
+                            &device,
+                            &socket,
+                            config.read_only,
+                            stop_requested.clone(),
+                            stop_server.clone(),
+                        )
+                        .map(Some);
+                        match &attached {
+                            Ok(_) => ready(),
+                            Err(_) => stop_server.store(true, Ordering::SeqCst),
+                        }
+                    },
+                    stop_server.clone(),
+                );
+                if let Some(attachment) = attached? {
+                    attachment.join();
+                }
+                served
+            },
+        )
     }
 
     /// Claims the bucket, builds the layers, runs `frontend` over them until it returns, then
-    /// flushes everything and gives the mount token back. `what` names the end in messages.
+    /// flushes everything and gives the mount token back. `frontend` calls its `ready` argument
+    /// once it serves; `what` names the end in messages.
     fn serve(
         self,
         config: &Config,
+        readiness: &mut Readiness,
         target: &str,
         what: &str,
-        frontend: impl FnOnce(Arc<dyn BlockStore>) -> crate::error::Result<()>,
+        frontend: impl FnOnce(Arc<dyn BlockStore>, &mut dyn FnMut()) -> crate::error::Result<()>,
     ) -> Result<(), String> {
         // Test mode has no token object (like C); everything else claims the bucket first.
         let guard = if config.test_mode {
@@ -270,8 +306,22 @@ impl Stack {
             .stats_file_mirror
             .clone()
             .map(|path| StatsMirror::start(store.clone(), path, config.stats_file_mirror_interval));
-        let served = frontend(store.clone());
+        let mut started = false;
+        let served = frontend(store.clone(), &mut || {
+            started = true;
+            readiness.ready();
+        });
         drop((mirror, metrics)); // spec 7: stopped first at unmount
+        if !started {
+            // The frontend never came up (FUSE refused the mount, the NBD socket or device
+            // failed): nothing was written through it, so give the bucket back.
+            let error = served.err().map(|e| e.to_string()).unwrap_or_default();
+            let _ = store.shutdown();
+            if let Some(guard) = guard {
+                guard.release()?;
+            }
+            return Err(error);
+        }
         let flushed = served.and_then(|()| store.shutdown());
         match flushed {
             Ok(()) => {
@@ -383,6 +433,9 @@ fn ec_protect_options(config: &Config, geometry: Geometry) -> Result<EcProtectOp
     options.validate(geometry)?;
     Ok(options)
 }
+
+/// Parallel GETs of `--verify`: enough to hide the latency of a remote store.
+const VERIFY_THREADS: usize = 32;
 
 /// FUSE dispatch threads: each blocks on one request while the stack below works in parallel.
 const FUSE_THREADS: usize = 16;

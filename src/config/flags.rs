@@ -286,6 +286,10 @@ pub(crate) struct Flags {
     /// Clear the mounted flag, then exit
     #[arg(long = "reset-mounted-flag", help_heading = MODES)]
     pub reset_mounted_flag: bool,
+    /// Read and check every stored block (MD5, HMAC, decoding), report damaged ones, then exit
+    /// (read-only; safe while mounted); exit status 1 when damage is found
+    #[arg(long = "verify", conflicts_with_all = ["erase", "reset_mounted_flag"], help_heading = MODES)]
+    pub verify: bool,
     /// Use the local directory BUCKET instead of S3 (blocks stored as raw files)
     #[arg(long = "test", help_heading = MODES)]
     pub test: bool,

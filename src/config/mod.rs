@@ -56,6 +56,8 @@ pub enum Mode {
     ResetMountedFlag,
     /// `--nbd`: serve the disk over NBD.
     Nbd,
+    /// `--verify`: check every stored block, then exit.
+    Verify,
 }
 
 pub use crate::backend::s3::AuthVersion;
@@ -442,6 +444,8 @@ fn build_config(
         Mode::Erase
     } else if flags.reset_mounted_flag {
         Mode::ResetMountedFlag
+    } else if flags.verify {
+        Mode::Verify
     } else if nbd {
         Mode::Nbd
     } else {
@@ -449,7 +453,7 @@ fn build_config(
     };
     if nbd && mode != Mode::Nbd {
         return Err(ConfigError::new(
-            r#""--nbd" cannot be combined with "--erase" or "--reset-mounted-flag""#,
+            r#""--nbd" cannot be combined with "--erase", "--reset-mounted-flag" or "--verify""#,
         ));
     }
     let bucket_arg = flags
@@ -480,7 +484,7 @@ fn build_config(
         }
         (_, Some(_)) => {
             return Err(ConfigError::new(
-                r#"no mount point should be specified with "--erase" or "--reset-mounted-flag""#,
+                r#"no mount point should be specified with "--erase", "--reset-mounted-flag" or "--verify""#,
             ));
         }
         (_, None) => None,
@@ -656,7 +660,8 @@ fn build_config(
         block_size,
         size,
         no_auto_detect: flags.no_auto_detect,
-        read_only: flags.read_only,
+        // `--verify` must never write, whatever else is given.
+        read_only: flags.read_only || mode == Mode::Verify,
         filename: flags.filename,
         stats_filename,
         stats_file_mirror: flags.stats_file_mirror,

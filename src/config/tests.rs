@@ -404,7 +404,7 @@ fn legacy_device_form_is_accepted() {
 #[test]
 fn mount_point_rules() {
     assert_eq!(error(&["bucket"]), "no mount point specified");
-    let message = r#"no mount point should be specified with "--erase" or "--reset-mounted-flag""#;
+    let message = r#"no mount point should be specified with "--erase", "--reset-mounted-flag" or "--verify""#;
     assert_eq!(error(&["--erase", "bucket", "/mnt"]), message);
     assert_eq!(error(&["--reset-mounted-flag", "bucket", "/mnt"]), message);
     let c = config(&["--erase", "bucket"]);
@@ -875,7 +875,7 @@ fn nbd_mode_takes_a_device_or_a_socket() {
     );
     assert_eq!(
         error(&["--nbd", "--erase", "bucket"]),
-        r#""--nbd" cannot be combined with "--erase" or "--reset-mounted-flag""#
+        r#""--nbd" cannot be combined with "--erase", "--reset-mounted-flag" or "--verify""#
     );
 }
 

@@ -111,7 +111,7 @@ pub fn serve(
 }
 
 /// Rejects mount points that are missing, not directories, or already a FUSE mount.
-fn check_mount_point(path: &Path) -> Result<()> {
+pub fn check_mount_point(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|err| {
         let hint = if err.raw_os_error() == Some(libc::ENOTCONN) {
             " (a dead FUSE mount? try \"fusermount3 -u\")"

@@ -1,0 +1,125 @@
+//! Reliability of the cache file and of FUSE itself: a full or unwritable cache file and an
+//! unavailable FUSE give clear errors and lose nothing an fsync acknowledged.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::S3Server;
+use common::mount::{FuseMount, UnmountOnDrop, ours, pseudo_random, run, write_and_fsync};
+
+const BUCKET: &str = "cachefs";
+
+fn args(server: &S3Server, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        format!("--baseURL={}", server.base_url()),
+        "--accessId=testkey".to_string(),
+        "--accessKey=testsecret".to_string(),
+        "--timeout=2".to_string(),
+        "--maxRetryPause=500".to_string(),
+        "--size=8m".to_string(),
+        "--blockSize=64k".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// A tmpfs of `size` mounted on a fresh temp dir, unmounted on drop.
+fn small_tmpfs(size: &str, options: &str) -> (tempfile::TempDir, UnmountOnDrop) {
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}{options}"),
+            "tmpfs",
+        ])
+        .arg(dir.path()));
+    let guard = UnmountOnDrop(dir.path().to_path_buf());
+    (dir, guard)
+}
+
+/// Names of the objects in the bucket.
+fn stored(server: &S3Server) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(server.bucket_dir(BUCKET))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_full_cache_file_disk_fails_the_fsync_with_enospc_and_says_so_at_unmount() {
+    let server = S3Server::start(&[BUCKET]);
+    // Room for the header and a few blocks, not for the 2 MiB written below.
+    let (dir, _tmpfs) = small_tmpfs("256k", "");
+    let cache = dir.path().join("cache");
+    let cache_flag = format!("--blockCacheFile={}", cache.display());
+    let mount = FuseMount::start(&ours(), &args(&server, &[&cache_flag]), BUCKET);
+    let err = write_and_fsync(&mount.file(), &pseudo_random(31, 2 << 20))
+        .expect_err("an fsync the cache file cannot hold must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    let log = mount.stderr();
+    let cache_name = format!("cache file \"{}\"", cache.display());
+    assert!(
+        log.lines()
+            .any(|l| l.contains("fsync") && l.contains(&cache_name) && l.contains("No space left")),
+        "{log}"
+    );
+    // What was never acknowledged is not pretended written: the unmount says so and fails.
+    let done = mount.unmount();
+    assert!(!done.status.success());
+    assert!(
+        done.stderr.contains("NOT ALL DATA WAS WRITTEN"),
+        "{}",
+        done.stderr
+    );
+    println!("full cache file disk: fsync failed with ENOSPC, unmount reported unwritten data");
+}
+
+#[test]
+fn an_unwritable_cache_file_fails_the_mount_clearly_and_writes_nothing() {
+    let server = S3Server::start(&[BUCKET]);
+    let (dir, _tmpfs) = small_tmpfs("1m", ",ro");
+    let cache = dir.path().join("cache");
+    let cache_flag = format!("--blockCacheFile={}", cache.display());
+    let failed = FuseMount::try_start(&ours(), &args(&server, &[&cache_flag]), BUCKET)
+        .err()
+        .expect("the mount must fail");
+    assert!(!failed.status.success());
+    assert!(
+        failed.stderr.contains(&cache.display().to_string())
+            && failed.stderr.contains("Read-only file system"),
+        "{}",
+        failed.stderr
+    );
+    assert_eq!(stored(&server), Vec::<String>::new(), "{}", failed.stderr);
+}
+
+#[test]
+fn without_fuse_the_mount_fails_clearly_and_writes_nothing() {
+    let server = S3Server::start(&[BUCKET]);
+    let mount_point = tempfile::tempdir().unwrap();
+    // A private mount namespace whose /dev has no fuse device: what a container without
+    // /dev/fuse (or a host without the module) looks like to s3backer.
+    let script = r#"mount --make-rprivate / && mount -t tmpfs none /dev && exec "$0" "$@""#;
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", script])
+        .arg(ours())
+        .args(args(&server, &["-f"]))
+        .arg(BUCKET)
+        .arg(mount_point.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot mount") && stderr.contains("/dev/fuse missing"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("NOT ALL DATA WAS WRITTEN"), "{stderr}");
+    assert_eq!(stored(&server), Vec::<String>::new(), "{stderr}");
+}
