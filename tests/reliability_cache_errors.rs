@@ -6,7 +6,9 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::S3Server;
-use common::mount::{FuseMount, UnmountOnDrop, ours, pseudo_random, run, write_and_fsync};
+use common::mount::{
+    FuseMount, UnmountOnDrop, ours, pseudo_random, read_prefix, run, write_and_fsync,
+};
 
 const BUCKET: &str = "cachefs";
 
@@ -51,32 +53,38 @@ fn stored(server: &S3Server) -> Vec<String> {
 }
 
 #[test]
-fn a_full_cache_file_disk_fails_the_fsync_with_enospc_and_says_so_at_unmount() {
+fn a_full_cache_file_disk_makes_fsync_wait_for_the_upload_instead() {
     let server = S3Server::start(&[BUCKET]);
     // Room for the header and a few blocks, not for the 2 MiB written below.
     let (dir, _tmpfs) = small_tmpfs("256k", "");
     let cache = dir.path().join("cache");
     let cache_flag = format!("--blockCacheFile={}", cache.display());
+    let data = pseudo_random(31, 2 << 20);
     let mount = FuseMount::start(&ours(), &args(&server, &[&cache_flag]), BUCKET);
-    let err = write_and_fsync(&mount.file(), &pseudo_random(31, 2 << 20))
-        .expect_err("an fsync the cache file cannot hold must fail");
-    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    write_and_fsync(&mount.file(), &data)
+        .expect("with the cache file full, fsync is satisfied by uploading");
     let log = mount.stderr();
     let cache_name = format!("cache file \"{}\"", cache.display());
     assert!(
         log.lines()
-            .any(|l| l.contains("fsync") && l.contains(&cache_name) && l.contains("No space left")),
+            .any(|l| l.contains(&cache_name) && l.contains("No space left")),
         "{log}"
     );
-    // What was never acknowledged is not pretended written: the unmount says so and fails.
-    let done = mount.unmount();
-    assert!(!done.status.success());
+    // Acknowledged means in the bucket: 32 blocks of 64 KiB, before any unmount.
+    let blocks = stored(&server)
+        .into_iter()
+        .filter(|name| name != "s3backer-mounted")
+        .count();
+    assert_eq!(blocks, 32, "{log}");
+    mount.crash();
+    let mount = FuseMount::start(&ours(), &args(&server, &["--force"]), BUCKET);
     assert!(
-        done.stderr.contains("NOT ALL DATA WAS WRITTEN"),
-        "{}",
-        done.stderr
+        read_prefix(&mount.file(), data.len()) == data,
+        "data differs after a crash"
     );
-    println!("full cache file disk: fsync failed with ENOSPC, unmount reported unwritten data");
+    let done = mount.unmount();
+    assert!(done.status.success(), "{}", done.stderr);
+    println!("full cache file disk: fsync fell back to uploading; 32 blocks survived kill -9");
 }
 
 #[test]

@@ -816,11 +816,15 @@ impl Shared {
                 })
                 .collect();
             drop(st);
-            if tier.persist_dirty(blocks)? {
-                return Ok(());
+            match tier.persist_dirty(blocks) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    tracing::debug!("cache file full of dirty blocks: flush waits for uploads")
+                }
+                // The file is one way to be durable; the upload is the other.
+                Err(e) => tracing::warn!("{e}; the flush waits for the upload instead"),
             }
             drop(tier);
-            tracing::debug!("cache file full of dirty blocks: flush waits for uploads");
             let st = self.state.lock();
             return self.wait_epochs(st, target);
         }
