@@ -49,9 +49,9 @@ pub enum Fault {
     Reset,
     /// Hold the request this long, then close the connection without forwarding it.
     Stall(Duration),
-    /// Forward, then send the headers and only half of the response body, and close.
+    /// GET only: forward, then send the headers and only half of the response body, and close.
     Truncate,
-    /// Forward, then flip one byte of the response body (headers, ETag included, unchanged).
+    /// GET only: forward, then flip one byte of the response body (headers, ETag included, unchanged).
     Corrupt,
     /// Forward (the server applies it), then close the connection without any response.
     DropResponse,
@@ -137,7 +137,8 @@ impl FromStr for Rule {
             "slowdown" => Fault::SlowDown,
             "reset" => Fault::Reset,
             "stall" => Fault::Stall(Duration::from_secs_f64(
-                arg.parse().map_err(|_| format!("stall needs seconds: {kind}"))?,
+                arg.parse()
+                    .map_err(|_| format!("stall needs seconds: {kind}"))?,
             )),
             "truncate" => Fault::Truncate,
             "corrupt" => Fault::Corrupt,
@@ -393,12 +394,16 @@ impl Shared {
     }
 
     /// The fault to inject for this request, if any rule fires.
+    /// A fault that cannot apply to this request (see `applies`) neither matches nor fires.
     fn choose_fault(&self, method: &str, path: &str) -> Option<Fault> {
         let mut rules = self.rules.lock();
         for st in rules.iter_mut() {
             let r = &st.rule;
             if r.method.as_deref().is_some_and(|m| m != method)
-                || r.path_contains.as_deref().is_some_and(|p| !path.contains(p))
+                || r.path_contains
+                    .as_deref()
+                    .is_some_and(|p| !path.contains(p))
+                || !self.applies(&r.fault, method, path)
             {
                 continue;
             }
@@ -413,6 +418,25 @@ impl Shared {
             return Some(r.fault.clone());
         }
         None
+    }
+
+    /// Body faults need a GET; a stale reply needs an older response of a since-changed key.
+    fn applies(&self, fault: &Fault, method: &str, path: &str) -> bool {
+        match fault {
+            Fault::Truncate | Fault::Corrupt => method == "GET",
+            Fault::Stale => method == "GET" && self.stale_response(path).is_some(),
+            _ => true,
+        }
+    }
+
+    fn stale_response(&self, path: &str) -> Option<Recorded> {
+        let history = self.history.lock();
+        let current = history.generation.get(path).copied().unwrap_or(0);
+        history
+            .last_get
+            .get(path)
+            .filter(|r| r.generation < current)
+            .cloned()
     }
 
     fn count_injected(&self, fault: &Fault) {
@@ -557,7 +581,11 @@ fn read_head(r: &mut impl BufRead, request: bool) -> io::Result<Option<Head>> {
         let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let (method, path, status, headers) = if request {
             let mut req = httparse::Request::new(&mut hs);
-            if req.parse(&raw).map_err(|e| bad(&e.to_string()))?.is_partial() {
+            if req
+                .parse(&raw)
+                .map_err(|e| bad(&e.to_string()))?
+                .is_partial()
+            {
                 continue;
             }
             let headers = collect_headers(req.headers);
@@ -569,11 +597,20 @@ fn read_head(r: &mut impl BufRead, request: bool) -> io::Result<Option<Head>> {
             )
         } else {
             let mut resp = httparse::Response::new(&mut hs);
-            if resp.parse(&raw).map_err(|e| bad(&e.to_string()))?.is_partial() {
+            if resp
+                .parse(&raw)
+                .map_err(|e| bad(&e.to_string()))?
+                .is_partial()
+            {
                 continue;
             }
             let headers = collect_headers(resp.headers);
-            (String::new(), String::new(), resp.code.unwrap_or(0), headers)
+            (
+                String::new(),
+                String::new(),
+                resp.code.unwrap_or(0),
+                headers,
+            )
         };
         return Ok(Some(Head {
             raw,
@@ -793,7 +830,12 @@ fn serve_connection(shared: &Shared, id: u64, client: TcpStream) -> io::Result<(
         let req_head = if dechunked {
             head.rebuild(
                 &first_line,
-                &["expect", "connection", "transfer-encoding", "content-length"],
+                &[
+                    "expect",
+                    "connection",
+                    "transfer-encoding",
+                    "content-length",
+                ],
                 &[format!("Content-Length: {}", body.len())],
             )
         } else {
@@ -814,7 +856,11 @@ fn serve_connection(shared: &Shared, id: u64, client: TcpStream) -> io::Result<(
             }
             Some(f @ Fault::SlowDown) => {
                 shared.count_injected(f);
-                writer.write_all(&error_response(503, "SlowDown", "Please reduce your request rate."))?;
+                writer.write_all(&error_response(
+                    503,
+                    "SlowDown",
+                    "Please reduce your request rate.",
+                ))?;
                 continue;
             }
             Some(f @ Fault::Reset) => {
@@ -827,12 +873,8 @@ fn serve_connection(shared: &Shared, id: u64, client: TcpStream) -> io::Result<(
                 shared.sleep(*d);
                 return Ok(());
             }
-            Some(f @ Fault::Stale) if head.method == "GET" => {
-                let history = shared.history.lock();
-                let current = history.generation.get(&path).copied().unwrap_or(0);
-                if let Some(old) = history.last_get.get(&path).filter(|r| r.generation < current) {
-                    let old = old.clone();
-                    drop(history);
+            Some(f @ Fault::Stale) => {
+                if let Some(old) = shared.stale_response(&path) {
                     shared.count_injected(f);
                     writer.write_all(&old.head)?;
                     writer.write_all(&old.body)?;
@@ -859,7 +901,7 @@ fn serve_connection(shared: &Shared, id: u64, client: TcpStream) -> io::Result<(
                 shared.count_injected(f);
                 return Ok(());
             }
-            Some(f @ Fault::Truncate) if resp.body.len() > 1 => {
+            Some(f @ Fault::Truncate) if !resp.body.is_empty() => {
                 shared.count_injected(f);
                 writer.write_all(&resp.head)?;
                 writer.write_all(&resp.body[..resp.body.len() / 2])?;
@@ -927,7 +969,9 @@ mod tests {
 
     #[test]
     fn rule_spec_parses_every_field() {
-        let r: Rule = "503,p=0.05,method=put,path=/b/000,nth=3,limit=2".parse().unwrap();
+        let r: Rule = "503,p=0.05,method=put,path=/b/000,nth=3,limit=2"
+            .parse()
+            .unwrap();
         assert_eq!(r.fault, Fault::Status(503));
         assert_eq!(r.method.as_deref(), Some("PUT"));
         assert_eq!(r.path_contains.as_deref(), Some("/b/000"));

@@ -46,8 +46,10 @@ fn main() -> std::io::Result<()> {
     config.seed = args.seed;
     config.rules = args.faults;
     config.max_connections = args.max_connections;
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
     let proxy = Proxy::start(config)?;
     if let Some(path) = &args.addr_file {
         std::fs::write(path, format!("{}\n", proxy.addr()))?;

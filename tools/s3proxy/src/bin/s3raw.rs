@@ -31,8 +31,13 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let bucket = Bucket::new(args.base_url.clone(), UrlStyle::Path, args.bucket.clone(), "us-east-1")
-        .expect("bucket");
+    let bucket = Bucket::new(
+        args.base_url.clone(),
+        UrlStyle::Path,
+        args.bucket.clone(),
+        "us-east-1",
+    )
+    .expect("bucket");
     let creds = Credentials::new(args.access_key.clone(), args.secret_key.clone());
     let size = args.object_kib * 1024;
     let count = args.total_mib * 1024 / args.object_kib;
@@ -71,7 +76,8 @@ fn main() {
                             let url = bucket.get_object(Some(creds), &key).sign(ttl);
                             let mut resp = agent.get(url.as_str()).call().expect("GET");
                             buf.clear();
-                            std::io::copy(&mut resp.body_mut().as_reader(), &mut buf).expect("GET body");
+                            std::io::copy(&mut resp.body_mut().as_reader(), &mut buf)
+                                .expect("GET body");
                             assert_eq!(buf.len(), payload.len(), "short GET");
                         }
                     }
@@ -82,6 +88,9 @@ fn main() {
             w.join().expect("worker");
         }
         let secs = start.elapsed().as_secs_f64();
-        println!("{phase}_mib_s {:.1}", (count * size) as f64 / 1048576.0 / secs);
+        println!(
+            "{phase}_mib_s {:.1}",
+            (count * size) as f64 / 1048576.0 / secs
+        );
     }
 }
