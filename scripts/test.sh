@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 # Mount tests share the kernel's loop devices and FUSE; nextest runs each test in its own process,
 # so tests that signal their own process (ignored under plain `cargo test`) are safe here.
-cargo nextest run --locked --no-fail-fast --test-threads 2 --run-ignored all "$@"
+cargo nextest run --workspace --locked --no-fail-fast --test-threads 2 --run-ignored all "$@"
