@@ -13,6 +13,7 @@ pub mod geometry;
 pub mod layer;
 pub mod logging;
 pub mod naming;
+pub mod notify;
 pub mod stack;
 
 pub mod stats;

@@ -1,0 +1,701 @@
+//! Operations: generated docs match the spec's flag table, fstab lines mount through mount.fuse3,
+//! the example systemd units are valid, readiness reaches systemd's notify socket, logs are one
+//! line per event at the level asked for, and (opt-in) the Debian package installs cleanly.
+
+mod common;
+
+#[path = "../examples/gen_docs.rs"]
+#[allow(dead_code)]
+mod gen_docs;
+
+use common::S3Server;
+use common::mount::{
+    FuseMount, UnmountOnDrop, assert_fsck_clean, is_mounted, mkfs_ext4, ours, pseudo_random, run,
+    verify_tree, write_tree,
+};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// Docs
+
+/// One option of `--help` or the man page: its long names, whether it takes a value, its text.
+#[derive(Debug)]
+struct Entry {
+    longs: Vec<String>,
+    takes_value: bool,
+    text: String,
+}
+
+impl Entry {
+    fn new(flag_line: &str) -> Entry {
+        let longs = flag_line
+            .split_whitespace()
+            .take_while(|word| !word.starts_with('['))
+            .filter_map(|word| word.trim_end_matches(',').strip_prefix("--"))
+            // `--compress[=<ALG>]`
+            .map(|word| word.split(['[', '=']).next().unwrap_or(word).to_string())
+            .collect();
+        Entry {
+            longs,
+            takes_value: flag_line.contains('<'),
+            text: flag_line.trim().to_string(),
+        }
+    }
+
+    fn push(&mut self, line: &str) {
+        self.text.push(' ');
+        self.text.push_str(line.trim());
+    }
+
+    /// The text of `[default: ...]` (brackets nest: `http[s]://...`), or "".
+    fn default(&self) -> &str {
+        let Some(start) = self.text.find("[default: ") else {
+            return "";
+        };
+        let rest = &self.text[start + "[default: ".len()..];
+        let mut depth = 0;
+        for (i, c) in rest.char_indices() {
+            match c {
+                '[' => depth += 1,
+                ']' if depth == 0 => return &rest[..i],
+                ']' => depth -= 1,
+                _ => {}
+            }
+        }
+        panic!("unclosed [default: in {:?}", self.text);
+    }
+}
+
+/// `--help`: an option line is indented less than its description (which starts at column 10).
+fn help_entries(help: &str) -> Vec<Entry> {
+    let mut entries: Vec<Entry> = Vec::new();
+    for line in help.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if line.trim_start().starts_with('-') && indent < 10 {
+            entries.push(Entry::new(line));
+        } else if !line.starts_with(' ') {
+            // A heading ends the previous entry.
+            entries.push(Entry::new(""));
+        } else if let Some(entry) = entries.last_mut() {
+            entry.push(line);
+        }
+    }
+    entries
+}
+
+/// The roff man page: each option is `.TP`, the option line, then its description.
+fn man_entries(roff: &str) -> Vec<Entry> {
+    let plain = roff
+        .replace("\\-", "-")
+        .replace("\\fB", "")
+        .replace("\\fI", "")
+        .replace("\\fR", "")
+        .replace("\\fP", "")
+        .replace("\\(aq", "'")
+        .replace("\\*(Aq", "'");
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut after_tp = false;
+    for line in plain.lines() {
+        if line.starts_with('.') {
+            after_tp = line.starts_with(".TP");
+            entries.push(Entry::new(""));
+        } else if after_tp {
+            after_tp = false;
+            entries.push(Entry::new(line));
+        } else if let Some(entry) = entries.last_mut() {
+            entry.push(line);
+        }
+    }
+    entries
+}
+
+/// What the spec's default column pins down.
+#[derive(Debug)]
+enum Expected {
+    /// A backquoted literal that the default must contain.
+    Text(String),
+    /// `off`, `none`, `unlimited`: a switch, or a value flag whose default says so.
+    Word(String),
+    /// The first number of the column (sizes compared by value: `4k` == 4096).
+    Number(u64),
+    /// Prose: the flag must exist.
+    Anything,
+}
+
+fn expected(column: &str) -> Expected {
+    if let Some(rest) = column.strip_prefix('`') {
+        let literal = &rest[..rest.find('`').expect("closing backquote")];
+        // `""` (empty prefix) is rendered as "none".
+        return Expected::Text(if literal == "\"\"" { "none" } else { literal }.to_string());
+    }
+    let first = column.split([' ', ';', ',']).next().unwrap_or("");
+    if ["off", "none", "unlimited"].contains(&first) {
+        return Expected::Word(first.to_string());
+    }
+    match numbers(column).first() {
+        Some(&n) => Expected::Number(n),
+        None => Expected::Anything,
+    }
+}
+
+/// Numbers that start a word, with an optional k/m/g/t suffix (powers of 1024).
+fn numbers(text: &str) -> Vec<u64> {
+    let bytes = text.as_bytes();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let word_start = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+        if bytes[i].is_ascii_digit() && word_start {
+            let start = i;
+            while i < bytes.len() && bytes[i].is_ascii_digit() {
+                i += 1;
+            }
+            let mut n: u64 = text[start..i].parse().unwrap();
+            let shift = match bytes.get(i).map(u8::to_ascii_lowercase) {
+                Some(b'k') => 10,
+                Some(b'm') => 20,
+                Some(b'g') => 30,
+                Some(b't') => 40,
+                _ => 0,
+            };
+            if shift > 0 && !bytes.get(i + 1).is_some_and(u8::is_ascii_alphanumeric) {
+                n <<= shift;
+            }
+            found.push(n);
+        }
+        i += 1;
+    }
+    found
+}
+
+/// tests/data/spec_flags.txt: `--flag<TAB>default column of spec table 8.2`.
+fn spec_flags() -> Vec<(String, String)> {
+    let text = include_str!("data/spec_flags.txt");
+    let flags: Vec<_> = text
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (flag, default) = line.split_once('\t').expect("flag<TAB>default");
+            (
+                flag.trim_start_matches("--").to_string(),
+                default.to_string(),
+            )
+        })
+        .collect();
+    assert!(flags.len() > 70, "spec table incomplete: {}", flags.len());
+    flags
+}
+
+/// Problems of one document (help or man page) against the spec table.
+fn check_against_spec(what: &str, entries: &[Entry]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (flag, column) in spec_flags() {
+        let Some(entry) = entries.iter().find(|e| e.longs.contains(&flag)) else {
+            problems.push(format!("{what}: --{flag} is missing"));
+            continue;
+        };
+        let default = entry.default();
+        let ok = match expected(&column) {
+            Expected::Text(literal) => default.contains(&literal),
+            Expected::Word(word) => !entry.takes_value || default.contains(&word),
+            Expected::Number(n) => numbers(default).first() == Some(&n),
+            Expected::Anything => true,
+        };
+        if !ok {
+            problems.push(format!(
+                "{what}: --{flag} shows [default: {default}], the spec says \"{column}\""
+            ));
+        }
+    }
+    problems
+}
+
+#[test]
+fn help_and_man_page_list_every_spec_flag_with_the_spec_default() {
+    let out = Command::new(ours()).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let man = String::from_utf8(gen_docs::man_page()).unwrap();
+    let help_entries = help_entries(&help);
+    let man_entries = man_entries(&man);
+    // The parsers see the options at all (guards against a format change making this vacuous).
+    assert!(help_entries.iter().any(|e| e.default() == "30"));
+    assert!(man_entries.iter().any(|e| e.default() == "30"));
+
+    let mut problems = check_against_spec("--help", &help_entries);
+    problems.extend(check_against_spec("man page", &man_entries));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(man.starts_with(".ie") || man.contains(".TH s3backer 1"));
+}
+
+#[test]
+fn spec_default_parsing_catches_a_wrong_default() {
+    let entries = help_entries(
+        "Connection:\n      --timeout <SECONDS>\n          Timeout\n          \n          [default: 60]\n",
+    );
+    let problems = check_against_spec("test", &entries);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("--timeout shows [default: 60]")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("--blockSize is missing"))
+    );
+}
+
+#[test]
+fn shell_completions_offer_every_spec_flag() {
+    for (shell, _) in gen_docs::SHELLS {
+        let script = String::from_utf8(gen_docs::completion(shell)).unwrap();
+        for (flag, _) in spec_flags() {
+            // fish writes `-l flag`, bash and zsh `--flag`.
+            let found =
+                script.contains(&format!("--{flag}")) || script.contains(&format!("-l {flag}"));
+            assert!(found, "{shell} completion lacks --{flag}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fstab
+
+/// PIDs of processes whose command line mentions `path` (the daemons mount.fuse3 started).
+fn processes_mentioning(path: &Path) -> Vec<u32> {
+    let needle = path.as_os_str().as_encoded_bytes();
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| cmd.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
+}
+
+/// A daemon flushes after `umount` returns; wait (bounded) until it has exited.
+fn wait_for_daemon_exit(mount_point: &Path) {
+    let start = Instant::now();
+    while !processes_mentioning(mount_point).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "s3backer for {} still running 120 s after umount",
+            mount_point.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `mount -T FSTAB POINT`, with our binary first in PATH as `s3backer` (mount.fuse3 runs it
+/// through `/bin/sh -c`, looked up in PATH).
+fn mount_from_fstab(fstab: &Path, bin_dir: &Path, point: &Path) {
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run(Command::new("mount")
+        .env("PATH", path)
+        .arg("-T")
+        .arg(fstab)
+        .arg(point));
+    assert!(is_mounted(point), "{} not mounted", point.display());
+}
+
+fn umount(point: &Path) {
+    run(Command::new("umount").arg(point));
+}
+
+fn mount_options(point: &Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let point = point.to_string_lossy();
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&point.as_ref()))
+        .map(|f| format!("{} {}", f[2], f[3]))
+        .unwrap_or_default()
+}
+
+#[test]
+fn fstab_lines_mount_through_mount_fuse3_with_a_loop_file_system_on_top() {
+    let tmp = tempfile::Builder::new()
+        .prefix("s3b-fstab")
+        .tempdir()
+        .unwrap();
+    let dir = |name: &str| {
+        let p = tmp.path().join(name);
+        std::fs::create_dir(&p).unwrap();
+        p
+    };
+    let (bin, store, legacy_store) = (dir("bin"), dir("store"), dir("legacy-store"));
+    let (disk, data, legacy) = (dir("disk"), dir("data"), dir("legacy"));
+    std::os::unix::fs::symlink(ours(), bin.join("s3backer")).unwrap();
+    let fstab = tmp.path().join("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "# fstab-only words (noauto, _netdev, nofail, defaults, x-systemd.*) must not reach the kernel\n\
+             {store}  {disk}  fuse.s3backer  defaults,noauto,_netdev,nofail,x-systemd.requires=network-online.target,x-systemd.mount-timeout=60,test,size=32m,blockSize=64k,noatime  0 0\n\
+             {disk}/file  {data}  ext4  loop,discard,noauto,nofail,x-systemd.requires-mounts-for={disk}  0 0\n\
+             s3backer#{legacy_store}  {legacy}  fuse  noauto,_netdev,test,size=8m,blockSize=64k,filename=disk  0 0\n",
+            store = store.display(),
+            disk = disk.display(),
+            data = data.display(),
+            legacy_store = legacy_store.display(),
+            legacy = legacy.display(),
+        ),
+    )
+    .unwrap();
+
+    // Write: disk, ext4 on its file, a tree of files; unmount in reverse order.
+    let tree = {
+        mount_from_fstab(&fstab, &bin, &disk);
+        let _disk_guard = UnmountOnDrop(disk.clone());
+        assert_eq!(
+            std::fs::metadata(disk.join("file")).unwrap().len(),
+            32 << 20
+        );
+        assert!(mount_options(&disk).starts_with("fuse.s3backer "));
+        mkfs_ext4(&disk.join("file"));
+        mount_from_fstab(&fstab, &bin, &data);
+        let data_guard = UnmountOnDrop(data.clone());
+        assert!(
+            mount_options(&data).contains("discard"),
+            "{}",
+            mount_options(&data)
+        );
+        let tree = write_tree(&data, 11, 12);
+        drop(data_guard);
+        assert!(!is_mounted(&data));
+        umount(&disk);
+        tree
+    };
+    wait_for_daemon_exit(&disk);
+    assert!(
+        std::fs::read_dir(&store).unwrap().count() > 0,
+        "nothing stored"
+    );
+
+    // Remount both from the same lines and read everything back.
+    mount_from_fstab(&fstab, &bin, &disk);
+    let disk_guard = UnmountOnDrop(disk.clone());
+    mount_from_fstab(&fstab, &bin, &data);
+    let data_guard = UnmountOnDrop(data.clone());
+    verify_tree(&data, &tree);
+    drop(data_guard);
+    assert_fsck_clean(&disk.join("file"));
+    drop(disk_guard);
+    wait_for_daemon_exit(&disk);
+
+    // The legacy `s3backer#SOURCE` form with type `fuse`.
+    let bytes = pseudo_random(12, 300_000);
+    mount_from_fstab(&fstab, &bin, &legacy);
+    {
+        let _guard = UnmountOnDrop(legacy.clone());
+        std::fs::write(legacy.join("disk"), &bytes).unwrap();
+    }
+    wait_for_daemon_exit(&legacy);
+    mount_from_fstab(&fstab, &bin, &legacy);
+    let _guard = UnmountOnDrop(legacy.clone());
+    let back = std::fs::read(legacy.join("disk")).unwrap();
+    assert_eq!(back.len(), 8 << 20);
+    assert_eq!(&back[..bytes.len()], &bytes[..]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd
+
+fn packaging_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging")
+}
+
+#[test]
+fn example_systemd_units_pass_systemd_analyze_verify() {
+    let units = packaging_dir().join("systemd");
+    let files: Vec<PathBuf> = std::fs::read_dir(&units)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        files
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "service"))
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "mount"))
+    );
+    let Ok(out) = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg("--man=no")
+        .args(&files)
+        .output()
+    else {
+        eprintln!(
+            "SKIPPED: systemd-analyze is not installed (scripts/install-deps.sh installs it)"
+        );
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify ({}):\n{stderr}",
+        out.status
+    );
+    // Stopping must wait for the flush: the service is stopped by SIGTERM with a long timeout.
+    let service = std::fs::read_to_string(units.join("s3backer-vm1.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "KillSignal=SIGTERM",
+        "KillMode=mixed",
+        "TimeoutStopSec=15min",
+    ] {
+        assert!(service.lines().any(|l| l == line), "service lacks {line}");
+    }
+    assert!(service.contains("ExecStart=/usr/bin/s3backer -f "));
+}
+
+/// A child s3backer killed and its mount detached on drop, even if the test fails.
+struct Child {
+    child: std::process::Child,
+    mount_point: PathBuf,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if is_mounted(&self.mount_point) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mount_point)
+                .status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn notify_socket_gets_ready_once_the_file_is_usable_and_stopping_at_unmount() {
+    let tmp = tempfile::Builder::new()
+        .prefix("s3b-notify")
+        .tempdir()
+        .unwrap();
+    let store = tmp.path().join("store");
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let socket_path = tmp.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut child = Child {
+        child: Command::new(ours())
+            .args(["-f", "--test", "--size=16m", "--blockSize=64k"])
+            .arg(&store)
+            .arg(&mnt)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        mount_point: mnt.clone(),
+    };
+    let recv = |what: &str| {
+        let mut buf = [0u8; 512];
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {what} within 60 s: {e}"));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+
+    assert_eq!(recv("READY=1"), "READY=1\n");
+    // The moment READY arrives, the file is there and takes I/O.
+    assert!(is_mounted(&mnt));
+    let file = mnt.join("file");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 16 << 20);
+    let bytes = pseudo_random(21, 200_000);
+    common::mount::write_and_fsync(&file, &bytes).unwrap();
+    assert_eq!(common::mount::read_prefix(&file, bytes.len()), bytes);
+
+    umount(&mnt);
+    assert_eq!(recv("STOPPING=1"), "STOPPING=1\n");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no exit after unmount"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    // Nothing more was sent.
+    socket.set_nonblocking(true).unwrap();
+    assert!(socket.recv(&mut [0u8; 64]).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+
+/// Mounts with `env ENV... s3backer ARGS`, writes the file, unmounts; returns the stderr lines.
+fn log_lines(env: &[&str], args: &[&str], bucket: &str) -> Vec<String> {
+    let mut all: Vec<String> = env.iter().map(|s| s.to_string()).collect();
+    all.push(ours().display().to_string());
+    all.extend(args.iter().map(|s| s.to_string()));
+    let mount = FuseMount::start(Path::new("/usr/bin/env"), &all, bucket);
+    std::fs::write(mount.file(), b"hello").unwrap();
+    let done = mount.unmount();
+    assert!(done.status.success(), "{}", done.stderr);
+    done.stderr.lines().map(str::to_string).collect()
+}
+
+fn count(lines: &[String], needle: &str) -> usize {
+    lines.iter().filter(|l| l.contains(needle)).count()
+}
+
+/// Lines at info level (startup progress, mount and unmount).
+fn info_lines(lines: &[String]) -> Vec<&String> {
+    lines
+        .iter()
+        .filter(|l| {
+            l.strip_prefix("s3backer: ").is_some_and(|rest| {
+                !["warning: ", "error: ", "debug: "]
+                    .iter()
+                    .any(|level| rest.starts_with(level))
+            })
+        })
+        .collect()
+}
+
+const TEST_STORE: [&str; 3] = ["--test", "--size=4m", "--blockSize=64k"];
+
+#[test]
+fn log_levels_follow_debug_quiet_and_rust_log() {
+    let store = tempfile::tempdir().unwrap();
+    let bucket = store.path().to_str().unwrap();
+    let with = |extra: &[&'static str]| [&TEST_STORE[..], extra].concat();
+
+    let normal = log_lines(&[], &TEST_STORE, bucket);
+    assert_eq!(count(&normal, "s3backer: mounted "), 1, "{normal:?}");
+    assert_eq!(count(&normal, "debug: "), 0, "{normal:?}");
+
+    let quiet = log_lines(&[], &with(&["--quiet"]), bucket);
+    assert!(info_lines(&normal).len() >= 3, "{normal:?}");
+    assert_eq!(
+        info_lines(&quiet),
+        Vec::<&String>::new(),
+        "--quiet printed {quiet:?}"
+    );
+
+    let debug = log_lines(&[], &with(&["--debug"]), bucket);
+    assert!(count(&debug, "s3backer: debug: ") >= 1, "{debug:?}");
+    assert_eq!(count(&debug, "s3backer: mounted "), 1, "{debug:?}");
+
+    // RUST_LOG wins over the flags, in both directions.
+    let env_info = log_lines(&["RUST_LOG=s3backer=info"], &with(&["--quiet"]), bucket);
+    assert_eq!(count(&env_info, "s3backer: mounted "), 1, "{env_info:?}");
+    let env_quiet = log_lines(&["RUST_LOG=s3backer=warn"], &with(&["--debug"]), bucket);
+    assert_eq!(count(&env_quiet, "debug: "), 0, "{env_quiet:?}");
+    assert_eq!(
+        info_lines(&env_quiet),
+        Vec::<&String>::new(),
+        "{env_quiet:?}"
+    );
+}
+
+/// Fails today: FUSE's "[Not Implemented] getxattr(ino: INodeNo(\n 0x2,\n), ...)" warning spans
+/// three lines. Needs the logging.rs change described in the issue 7 note (one event = one line).
+#[test]
+#[ignore = "needs the one-line-per-event fix in src/logging.rs (issue 7 note)"]
+fn every_log_line_is_one_whole_event() {
+    let store = tempfile::tempdir().unwrap();
+    let args = [&TEST_STORE[..], &["--debug"]].concat();
+    let lines = log_lines(&[], &args, store.path().to_str().unwrap());
+    for line in &lines {
+        assert!(
+            line.starts_with("s3backer: "),
+            "stray log line {line:?} in {lines:#?}"
+        );
+    }
+}
+
+#[test]
+fn debug_http_logs_each_request_and_response_on_one_line() {
+    const BUCKET: &str = "logs";
+    let server = S3Server::start(&[BUCKET]);
+    let base = format!("--baseURL={}", server.base_url());
+    let args = [
+        base.as_str(),
+        "--accessId=testkey",
+        "--accessKey=testsecret",
+        "--size=4m",
+        "--blockSize=64k",
+        "--debug",
+    ];
+    let plain = log_lines(&[], &args, BUCKET);
+    assert_eq!(count(&plain, "HTTP request"), 0, "{plain:?}");
+
+    let http = log_lines(&[], &[&args[..], &["--debug-http"]].concat(), BUCKET);
+    let requests = count(&http, "s3backer: debug: HTTP request: ");
+    assert!(requests >= 2, "{http:?}");
+    // Every request gets its response line (a retried request has one of each per attempt).
+    assert_eq!(
+        count(&http, "s3backer: debug: HTTP response: "),
+        requests,
+        "{http:?}"
+    );
+    assert!(http.iter().any(|l| l.contains("HTTP request: PUT ")));
+    // The secret is not in any line (signatures are, the key is not).
+    assert_eq!(count(&http, "testsecret"), 0);
+
+    // RUST_LOG alone raises the level too.
+    let no_debug = &args[..args.len() - 1];
+    let env = log_lines(
+        &["RUST_LOG=s3backer=debug"],
+        &[no_debug, &["--debug-http"]].concat(),
+        BUCKET,
+    );
+    assert!(
+        count(&env, "s3backer: debug: HTTP request: ") >= 2,
+        "{env:?}"
+    );
+}
+
+/// Fails today: without --debug the HTTP lines are filtered out (they are debug events and the
+/// level is info). C prints curl's verbose output with --debug-http alone. Needs the main.rs
+/// change described in the issue 7 note.
+#[test]
+#[ignore = "needs --debug-http to raise the log level (src/main.rs, issue 7 note)"]
+fn debug_http_alone_shows_the_http_lines() {
+    const BUCKET: &str = "logs";
+    let server = S3Server::start(&[BUCKET]);
+    let base = format!("--baseURL={}", server.base_url());
+    let args = [
+        base.as_str(),
+        "--accessId=testkey",
+        "--accessKey=testsecret",
+        "--size=4m",
+        "--blockSize=64k",
+        "--debug-http",
+    ];
+    let http = log_lines(&[], &args, BUCKET);
+    assert!(
+        count(&http, "s3backer: debug: HTTP request: ") >= 2,
+        "{http:?}"
+    );
+}
