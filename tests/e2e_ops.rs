@@ -699,3 +699,126 @@ fn debug_http_alone_shows_the_http_lines() {
         "{http:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Debian package
+
+/// `S3BACKER_DEB`, else the newest target/debian/s3backer-rs_*.deb.
+fn built_deb() -> PathBuf {
+    if let Some(deb) = std::env::var_os("S3BACKER_DEB") {
+        return PathBuf::from(deb);
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");
+    std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| panic!("no .deb in {}: run scripts/package.sh", dir.display()))
+}
+
+/// Every file and directory under `root`, relative, sorted.
+fn tree_of(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() && !path.is_symlink() {
+                todo.push(path.clone());
+            }
+            found.push(path.strip_prefix(root).unwrap().to_path_buf());
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Checks the package without touching this machine's packages (C s3backer stays installed):
+/// metadata and file list, then install + purge into an empty dpkg root.
+#[test]
+#[ignore = "opt-in (needs the release build and cargo-deb): scripts/package.sh runs it"]
+fn debian_package_installs_and_purges_cleanly_in_a_throwaway_root() {
+    let deb = built_deb();
+    let info = run(Command::new("dpkg-deb").arg("--info").arg(&deb));
+    for field in [
+        "Package: s3backer-rs",
+        "Conflicts: s3backer",
+        "Replaces: s3backer",
+        "Provides: s3backer",
+    ] {
+        assert!(
+            info.lines().any(|l| l.trim() == field),
+            "no {field:?} in:\n{info}"
+        );
+    }
+    let depends = info
+        .lines()
+        .find(|l| l.trim().starts_with("Depends:"))
+        .unwrap_or("");
+    assert!(
+        depends.contains("fuse3") && depends.contains("libc6"),
+        "{depends}"
+    );
+
+    let contents = run(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    for file in [
+        "./usr/bin/s3backer",
+        "./usr/share/man/man1/s3backer.1.gz",
+        "./usr/share/bash-completion/completions/s3backer",
+        "./usr/share/zsh/vendor-completions/_s3backer",
+        "./usr/share/fish/vendor_completions.d/s3backer.fish",
+        "./usr/share/doc/s3backer-rs/examples/s3backer-vm1.service",
+        "./usr/share/doc/s3backer-rs/examples/mnt-data.mount",
+        "./usr/share/doc/s3backer-rs/examples/fstab.example",
+        "./usr/share/doc/s3backer-rs/copyright",
+    ] {
+        assert!(
+            contents.lines().any(|l| l.ends_with(file)),
+            "{file} not in the package:\n{contents}"
+        );
+    }
+
+    let root = tempfile::Builder::new()
+        .prefix("s3b-dpkg")
+        .tempdir()
+        .unwrap();
+    let db = root.path().join("var/lib/dpkg");
+    for sub in ["info", "updates", "triggers", "alternatives"] {
+        std::fs::create_dir_all(db.join(sub)).unwrap();
+    }
+    std::fs::write(db.join("status"), "").unwrap();
+    std::fs::write(db.join("available"), "").unwrap();
+    let dpkg = |args: &[&str]| {
+        run(Command::new("dpkg")
+            .arg(format!("--root={}", root.path().display()))
+            .arg("--log=/dev/null")
+            .arg("--force-depends")
+            .args(args))
+    };
+    let before = tree_of(root.path());
+    dpkg(&["-i", deb.to_str().unwrap()]);
+    let installed = root.path().join("usr/bin/s3backer");
+    let version = Command::new(&installed).arg("--version").output().unwrap();
+    assert!(version.status.success());
+    let version = String::from_utf8_lossy(&version.stderr);
+    assert!(version.starts_with("s3backer version "), "{version}");
+    let man = run(Command::new("zcat").arg(root.path().join("usr/share/man/man1/s3backer.1.gz")));
+    assert!(man.contains(".TH s3backer 1"), "{man}");
+
+    dpkg(&["-P", "s3backer-rs"]);
+    // dpkg's own bookkeeping (status-old, locks) aside, nothing new may remain.
+    let after: Vec<PathBuf> = tree_of(root.path())
+        .into_iter()
+        .filter(|p| !before.contains(p) && !p.starts_with("var/lib/dpkg"))
+        .collect();
+    assert!(after.is_empty(), "left behind after purge: {after:#?}");
+    let leftovers: Vec<PathBuf> = tree_of(&db)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("s3backer"))
+        .collect();
+    assert!(leftovers.is_empty(), "dpkg database keeps {leftovers:?}");
+    let status = std::fs::read_to_string(db.join("status")).unwrap();
+    assert!(!status.contains("s3backer"), "{status}");
+}

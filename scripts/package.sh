@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds the Debian package target/debian/s3backer-rs_*.deb: release binary, man page and shell
+# completions generated from the flag definition, example systemd units and fstab lines.
+# Then checks it (contents, and an install + purge into a throwaway dpkg root, never this system).
+# Needs cargo-deb: scripts/install-deps.sh installs it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}"
+CARGO_DEB="${CARGO_DEB:-$HOME/.cache/s3backer-rs/cargo-deb/bin/cargo-deb}"
+[ -x "$CARGO_DEB" ] || { echo "package: $CARGO_DEB missing: run scripts/install-deps.sh" >&2; exit 1; }
+
+cargo run --locked --quiet --example gen_docs -- target/docs
+"$CARGO_DEB" --locked
+deb=$(ls -t target/debian/s3backer-rs_*.deb | head -n 1)
+echo "package: built $deb"
+if [ "${1:-}" != "--no-check" ]; then
+    S3BACKER_DEB="$deb" cargo nextest run --locked --test e2e_ops --run-ignored only debian_package
+fi
