@@ -10,8 +10,8 @@ mod gen_docs;
 
 use common::S3Server;
 use common::mount::{
-    FuseMount, UnmountOnDrop, assert_fsck_clean, is_mounted, mkfs_ext4, ours, pseudo_random, run,
-    verify_tree, write_tree,
+    FuseMount, assert_fsck_clean, is_mounted, mkfs_ext4, ours, pseudo_random, run, verify_tree,
+    write_tree,
 };
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -295,35 +295,77 @@ fn wait_for_daemon_exit(mount_point: &Path) {
     }
 }
 
-/// `mount -T FSTAB POINT`, with our binary first in PATH as `s3backer` (mount.fuse3 runs it
-/// through `/bin/sh -c`, looked up in PATH).
-fn mount_from_fstab(fstab: &Path, bin_dir: &Path, point: &Path) {
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
+/// mount(8) drops PATH before it runs a helper, and mount.fuse3 runs `/bin/sh -c 's3backer ...'`,
+/// so an fstab line always runs the first `s3backer` of the shell's default PATH
+/// (/usr/local/sbin, /usr/local/bin, /usr/sbin, /usr/bin: C s3backer here). This test process
+/// thread gets its own mount namespace in which /usr/local/sbin holds only a link to the cargo
+/// binary; nothing outside sees it. Mount namespaces are per thread: check mounts with
+/// `mounted_here`, not /proc/self.
+fn put_our_binary_first_in_the_default_path(bin: &Path) {
+    // SAFETY: unshare has no memory-safety preconditions.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNS): {} (needs root, and a single-threaded test process as nextest gives)",
+        std::io::Error::last_os_error()
     );
+    run(Command::new("mount").args(["--make-rprivate", "/"]));
+    std::os::unix::fs::symlink(ours(), bin.join("s3backer")).unwrap();
     run(Command::new("mount")
-        .env("PATH", path)
-        .arg("-T")
-        .arg(fstab)
-        .arg(point));
-    assert!(is_mounted(point), "{} not mounted", point.display());
+        .arg("--bind")
+        .arg(bin)
+        .arg("/usr/local/sbin"));
 }
 
-fn umount(point: &Path) {
-    run(Command::new("umount").arg(point));
-}
-
-fn mount_options(point: &Path) -> String {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+/// `fstype options` of the mount on `point` in this thread's mount namespace, if any.
+fn mounted_here(point: &Path) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/thread-self/mounts").unwrap();
     let point = point.to_string_lossy();
     mounts
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .find(|f| f.get(1) == Some(&point.as_ref()))
         .map(|f| format!("{} {}", f[2], f[3]))
-        .unwrap_or_default()
+}
+
+/// Unmounts on drop (in this thread's namespace), even when the test fails.
+struct Umount(PathBuf);
+
+impl Drop for Umount {
+    fn drop(&mut self) {
+        if mounted_here(&self.0).is_some() {
+            let ok = Command::new("umount")
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+    }
+}
+
+/// `mount -T FSTAB POINT`.
+fn mount_from_fstab(fstab: &Path, point: &Path) {
+    run(Command::new("mount").arg("-T").arg(fstab).arg(point));
+    assert!(
+        mounted_here(point).is_some(),
+        "{} not mounted",
+        point.display()
+    );
+}
+
+/// The FUSE daemon behind `point` is the cargo-built binary, not /usr/bin/s3backer (C).
+fn assert_ours_serves(point: &Path) {
+    let pids = processes_mentioning(point);
+    assert_eq!(pids.len(), 1, "daemons for {}: {pids:?}", point.display());
+    let exe = std::fs::read_link(format!("/proc/{}/exe", pids[0])).unwrap();
+    assert_eq!(exe, ours().canonicalize().unwrap());
+}
+
+fn umount(point: &Path) {
+    run(Command::new("umount").arg(point));
 }
 
 #[test]
@@ -337,9 +379,9 @@ fn fstab_lines_mount_through_mount_fuse3_with_a_loop_file_system_on_top() {
         std::fs::create_dir(&p).unwrap();
         p
     };
-    let (bin, store, legacy_store) = (dir("bin"), dir("store"), dir("legacy-store"));
+    put_our_binary_first_in_the_default_path(&dir("bin"));
+    let (store, legacy_store) = (dir("store"), dir("legacy-store"));
     let (disk, data, legacy) = (dir("disk"), dir("data"), dir("legacy"));
-    std::os::unix::fs::symlink(ours(), bin.join("s3backer")).unwrap();
     let fstab = tmp.path().join("fstab");
     std::fs::write(
         &fstab,
@@ -359,24 +401,26 @@ fn fstab_lines_mount_through_mount_fuse3_with_a_loop_file_system_on_top() {
 
     // Write: disk, ext4 on its file, a tree of files; unmount in reverse order.
     let tree = {
-        mount_from_fstab(&fstab, &bin, &disk);
-        let _disk_guard = UnmountOnDrop(disk.clone());
+        mount_from_fstab(&fstab, &disk);
+        let _disk_guard = Umount(disk.clone());
         assert_eq!(
             std::fs::metadata(disk.join("file")).unwrap().len(),
             32 << 20
         );
-        assert!(mount_options(&disk).starts_with("fuse.s3backer "));
+        let options = mounted_here(&disk).unwrap();
+        assert!(options.starts_with("fuse.s3backer "), "{options}");
+        assert_ours_serves(&disk);
         mkfs_ext4(&disk.join("file"));
-        mount_from_fstab(&fstab, &bin, &data);
-        let data_guard = UnmountOnDrop(data.clone());
+        mount_from_fstab(&fstab, &data);
+        let data_guard = Umount(data.clone());
+        let options = mounted_here(&data).unwrap();
         assert!(
-            mount_options(&data).contains("discard"),
-            "{}",
-            mount_options(&data)
+            options.starts_with("ext4 ") && options.contains("discard"),
+            "{options}"
         );
         let tree = write_tree(&data, 11, 12);
         drop(data_guard);
-        assert!(!is_mounted(&data));
+        assert!(mounted_here(&data).is_none());
         umount(&disk);
         tree
     };
@@ -387,10 +431,10 @@ fn fstab_lines_mount_through_mount_fuse3_with_a_loop_file_system_on_top() {
     );
 
     // Remount both from the same lines and read everything back.
-    mount_from_fstab(&fstab, &bin, &disk);
-    let disk_guard = UnmountOnDrop(disk.clone());
-    mount_from_fstab(&fstab, &bin, &data);
-    let data_guard = UnmountOnDrop(data.clone());
+    mount_from_fstab(&fstab, &disk);
+    let disk_guard = Umount(disk.clone());
+    mount_from_fstab(&fstab, &data);
+    let data_guard = Umount(data.clone());
     verify_tree(&data, &tree);
     drop(data_guard);
     assert_fsck_clean(&disk.join("file"));
@@ -399,14 +443,15 @@ fn fstab_lines_mount_through_mount_fuse3_with_a_loop_file_system_on_top() {
 
     // The legacy `s3backer#SOURCE` form with type `fuse`.
     let bytes = pseudo_random(12, 300_000);
-    mount_from_fstab(&fstab, &bin, &legacy);
+    mount_from_fstab(&fstab, &legacy);
+    assert_ours_serves(&legacy);
     {
-        let _guard = UnmountOnDrop(legacy.clone());
+        let _guard = Umount(legacy.clone());
         std::fs::write(legacy.join("disk"), &bytes).unwrap();
     }
     wait_for_daemon_exit(&legacy);
-    mount_from_fstab(&fstab, &bin, &legacy);
-    let _guard = UnmountOnDrop(legacy.clone());
+    mount_from_fstab(&fstab, &legacy);
+    let _guard = Umount(legacy.clone());
     let back = std::fs::read(legacy.join("disk")).unwrap();
     assert_eq!(back.len(), 8 << 20);
     assert_eq!(&back[..bytes.len()], &bytes[..]);
