@@ -10,7 +10,8 @@ CARGO_DEB="${CARGO_DEB:-$HOME/.cache/s3backer-rs/cargo-deb/bin/cargo-deb}"
 [ -x "$CARGO_DEB" ] || { echo "package: $CARGO_DEB missing: run scripts/install-deps.sh" >&2; exit 1; }
 
 cargo run --locked --quiet --example gen_docs -- target/docs
-"$CARGO_DEB" --locked
+# Stripped like any Debian binary (the release profile keeps line tables: 49 MB -> a few MB).
+"$CARGO_DEB" --locked --strip
 deb=$(ls -t target/debian/s3backer-rs_*.deb | head -n 1)
 echo "package: built $deb"
 if [ "${1:-}" != "--no-check" ]; then
