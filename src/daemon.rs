@@ -1,28 +1,46 @@
 //! Going to the background like C s3backer: the parent waits until the child reports that the
 //! mount is live (exit 0) or failed (the child's exit code), so `mount` and fstab see the truth.
 //! Done with fork(2) by hand because it must happen before any thread exists.
+//! Readiness is also reported to systemd (`NOTIFY_SOCKET`), in the foreground as well.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 
-/// The child's end of the readiness pipe.
+/// The child's end of the readiness pipe; sends systemd STOPPING=1 on drop once it was ready.
 pub struct Readiness {
     pipe: Option<File>,
+    notified: bool,
 }
 
 impl Readiness {
-    /// A process that did not fork (foreground): readiness is a no-op.
+    /// A process that did not fork (foreground): only systemd is told.
     pub fn foreground() -> Self {
-        Readiness { pipe: None }
+        Readiness {
+            pipe: None,
+            notified: false,
+        }
     }
 
-    /// Tells the parent the mount succeeded; detaches from the terminal and switches logs to syslog.
+    /// Tells systemd and the parent the mount succeeded; a daemon detaches from the terminal and
+    /// switches its logs to syslog.
     pub fn ready(&mut self) {
+        if !self.notified {
+            self.notified = true;
+            crate::notify::ready();
+        }
         if let Some(mut pipe) = self.pipe.take() {
             crate::logging::switch_to_syslog();
             redirect_stdio_to_null();
             let _ = pipe.write_all(&[1]);
+        }
+    }
+}
+
+impl Drop for Readiness {
+    fn drop(&mut self) {
+        if self.notified {
+            crate::notify::stopping();
         }
     }
 }
@@ -47,6 +65,7 @@ pub fn daemonize() -> std::io::Result<Readiness> {
             unsafe { libc::setsid() };
             Ok(Readiness {
                 pipe: Some(File::from(write_end)),
+                notified: false,
             })
         }
         child => {

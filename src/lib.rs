@@ -14,6 +14,7 @@ pub mod layer;
 pub mod logging;
 pub mod metrics;
 pub mod naming;
+pub mod notify;
 pub mod stack;
 
 pub mod stats;

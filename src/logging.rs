@@ -30,8 +30,9 @@ pub fn init(verbosity: Verbosity) {
         Verbosity::Debug => "debug",
     };
     // Our own crate at the chosen level; dependencies stay at warn unless RUST_LOG says otherwise.
+    // fuser warns about every unimplemented request (getxattr...): noise, not news.
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("warn,s3backer={default}")));
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,fuser=error,s3backer={default}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .event_format(LineFormat)
@@ -127,15 +128,23 @@ impl Drop for LineWriter {
         if self.line.is_empty() {
             return;
         }
+        // One event, one line: a multi-line message (a dependency's pretty Debug output)
+        // is joined, so line-based log readers never see half an event.
+        let text = String::from_utf8_lossy(&self.line);
+        let text = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replace('\0', " ");
         if USE_SYSLOG.load(Ordering::Relaxed) {
-            let text = String::from_utf8_lossy(&self.line);
-            let text = text.trim_end().replace('\0', " ");
             if let Ok(msg) = CString::new(text) {
                 // SAFETY: both strings are valid NUL-terminated C strings for the call's duration.
                 unsafe { libc::syslog(self.priority, c"%s".as_ptr(), msg.as_ptr()) };
             }
         } else {
-            let _ = io::stderr().lock().write_all(&self.line);
+            let _ = writeln!(io::stderr().lock(), "{text}");
         }
     }
 }

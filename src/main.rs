@@ -23,7 +23,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    logging::init(if config.debug {
+    // Like C, where --debug-http alone shows curl's trace.
+    logging::init(if config.debug || config.debug_http {
         Verbosity::Debug
     } else if config.quiet {
         Verbosity::Quiet

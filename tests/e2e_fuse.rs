@@ -186,51 +186,6 @@ fn fstrim_deletes_objects_of_freed_blocks() {
     assert!(mount.unmount().status.success());
 }
 
-/// The fstab path: `mount -t fuse.s3backer` runs mount.fuse3, which runs `s3backer` from PATH with
-/// every option in one `-o` list; s3backer goes to the background once the mount is live.
-#[test]
-fn mount_fuse3_with_fstab_style_options() {
-    let server = S3Server::start(&[BUCKET]);
-    let mnt = tempfile::tempdir().unwrap();
-    let bin_dir = ours().parent().unwrap().to_path_buf();
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let options = format!(
-        "baseURL={},accessId=testkey,accessKey=testsecret,size=32m,blockSize=64k,filename=disk,_netdev,noatime",
-        server.base_url()
-    );
-    common::mount::run(
-        Command::new("mount")
-            .env("PATH", &path)
-            .args(["-t", "fuse.s3backer", "-o", &options, BUCKET])
-            .arg(mnt.path()),
-    );
-    let guard = common::mount::UnmountOnDrop(mnt.path().to_path_buf());
-    assert!(common::mount::is_mounted(mnt.path()));
-    let disk = mnt.path().join("disk");
-    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 32 << 20);
-    let data = common::mount::pseudo_random(3, 200_000);
-    std::fs::write(&disk, &data).unwrap();
-    drop(guard);
-    // The daemon flushes and exits after umount; wait for the mount token to disappear.
-    let token = server.bucket_dir(BUCKET).join("s3backer-mounted");
-    let start = std::time::Instant::now();
-    while token.exists() && start.elapsed() < std::time::Duration::from_secs(60) {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(!token.exists(), "daemon did not finish its unmount");
-
-    // Remount in the foreground (auto-detected size) and read the data back.
-    let args = s3_args(&server, &["--filename=disk"]);
-    let mount = FuseMount::start(&ours(), &args, BUCKET);
-    let back = std::fs::read(mount.mount_point.join("disk")).unwrap();
-    assert_eq!(&back[..data.len()], &data[..]);
-    assert!(mount.unmount().status.success());
-}
-
 #[test]
 fn erase_asks_first_then_deletes_every_block_and_the_token() {
     let server = S3Server::start(&[BUCKET]);

@@ -83,7 +83,8 @@ pub(crate) struct Flags {
     pub auth_version: String,
 
     // ---- S3 connection ----
-    /// Base URL of the S3 service, ending in '/' [default: http[s]://s3[.REGION].amazonaws.com/]
+    /// Base URL of the S3 service, ending in '/' [default: http[s]://s3.amazonaws.com/, with --region
+    /// http[s]://s3.REGION.amazonaws.com/]
     #[arg(long = "baseURL", value_name = "URL", help_heading = CONNECTION)]
     pub base_url: Option<String>,
     /// S3 region; also selects the regional endpoint and virtual-hosted style [default: us-east-1]

@@ -363,6 +363,11 @@ pub fn parse_args(args: Vec<OsString>) -> Result<Command, ConfigError> {
     Ok(Command::Run(Box::new(config)))
 }
 
+/// The clap definition of every flag, for generated docs (man page, shell completions).
+pub fn command() -> clap::Command {
+    Flags::command().version(env!("CARGO_PKG_VERSION"))
+}
+
 /// The full usage text, every flag with its default.
 pub fn help_text() -> String {
     Flags::command().render_long_help().to_string()

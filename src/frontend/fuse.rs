@@ -105,9 +105,7 @@ pub fn serve(
         flush_result?;
         return Err(err);
     }
-    flush_result?;
-    info!("unmount {}: completed", opts.mount_point.display());
-    Ok(())
+    flush_result
 }
 
 /// Rejects mount points that are missing, not directories, or already a FUSE mount.
