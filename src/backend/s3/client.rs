@@ -244,7 +244,9 @@ impl S3Client {
         let mut backoff = Backoff::new(self.opts.initial_retry_pause, self.opts.max_retry_pause);
         loop {
             let started = Instant::now();
+            let mut permanent = false;
             let outcome = self.attempt(request).and_then(|reply| {
+                permanent = is_permanent_failure(reply.status, &reply.body);
                 self.classify(request, &reply)?;
                 if (200..300).contains(&reply.status) {
                     check(&reply)?;
@@ -256,6 +258,10 @@ impl S3Client {
                 Ok(reply) => return Ok(reply),
                 Err(e) => e,
             };
+            if permanent {
+                tracing::error!("{}: {error} (a client error: not retried)", request.what());
+                return Err(error);
+            }
             match backoff.next_pause(rand::random::<f64>()) {
                 Some(pause) => {
                     tracing::debug!(
@@ -567,6 +573,24 @@ fn strip_query(url: &str) -> &str {
 }
 
 /// ` (Code)` from an S3 XML error body, for error messages.
+/// A 4xx that asking again cannot fix (bad bucket name, access denied, ...): failing fast
+/// beats 30 s of retries (DESIGN: 4xx other than 404/412 fail fast). C retries them all; we
+/// keep retrying the 4xx that are transient: 408, 412 (stale: ec_protect decides), 429, and
+/// S3's timeout, throttling and expired-token codes (IAM credentials are refreshed meanwhile).
+fn is_permanent_failure(status: u16, body: &[u8]) -> bool {
+    const TRANSIENT_CODES: &[&str] = &[
+        "<Code>RequestTimeout</Code>",
+        "<Code>SlowDown</Code>",
+        "<Code>ExpiredToken</Code>",
+        "<Code>RequestTimeTooSkewed</Code>",
+        "<Code>OperationAborted</Code>",
+    ];
+    let body = String::from_utf8_lossy(body);
+    (400..500).contains(&status)
+        && !matches!(status, 404 | 408 | 412 | 429)
+        && !TRANSIENT_CODES.iter().any(|code| body.contains(code))
+}
+
 fn error_code(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     match text
@@ -777,6 +801,23 @@ mod tests {
         assert_eq!(hits, 1, "404 is final");
         let (result, _) = hits_of(412);
         assert!(matches!(result, Err(Error::Stale(_))), "{result:?}");
+        let (result, hits) = hits_of(403);
+        assert!(matches!(result, Err(Error::Forbidden(_))), "{result:?}");
+        assert_eq!(hits, 1, "a client error fails fast");
+        let (_, hits) = hits_of(429);
+        assert!(hits > 1, "429 (too many requests) is retried");
+    }
+
+    #[test]
+    fn transient_client_errors_are_retried_and_the_rest_fail_fast() {
+        let body = |code: &str| format!("<Error><Code>{code}</Code></Error>").into_bytes();
+        assert!(is_permanent_failure(400, &body("InvalidBucketName")));
+        assert!(is_permanent_failure(403, &body("AccessDenied")));
+        assert!(!is_permanent_failure(400, &body("RequestTimeout")));
+        assert!(!is_permanent_failure(400, &body("ExpiredToken")));
+        assert!(!is_permanent_failure(503, &body("SlowDown")));
+        assert!(!is_permanent_failure(500, b""));
+        assert!(!is_permanent_failure(408, b""));
     }
 
     #[test]
