@@ -1,0 +1,263 @@
+//! Reliability against a misbehaving network: the s3proxy fault injector sits between s3backer
+//! and the S3 test server. Transient faults are retried without a trace in the data; a store that
+//! stays away fails the fsync (EIO) but keeps the dirty data, which is written once it is back.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::S3Server;
+use common::mount::{
+    FuseMount, LoopMount, assert_fsck_clean, is_mounted, mkfs_ext4, ours, pseudo_random,
+    read_prefix, verify_tree, write_and_fsync, write_tree,
+};
+use s3proxy::{Fault, Proxy, ProxyConfig, Rule, Stats};
+
+const BUCKET: &str = "faults";
+/// errno of an I/O error (Linux).
+const EIO: i32 = 5;
+
+fn proxy_for(server: &S3Server, seed: u64) -> Proxy {
+    let mut config = ProxyConfig::new(server.endpoint().parse().unwrap());
+    config.seed = seed;
+    Proxy::start(config).expect("start the fault proxy")
+}
+
+/// s3backer flags pointing at the proxy; `timeout` is per attempt, `max_retry_pause_ms` the
+/// total pause budget of one request's retries.
+fn args(proxy: &Proxy, timeout: u32, max_retry_pause_ms: u32, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        format!("--baseURL={}", proxy.base_url()),
+        format!("--accessId={}", common::ACCESS_KEY),
+        format!("--accessKey={}", common::SECRET_KEY),
+        format!("--timeout={timeout}"),
+        "--initialRetryPause=50".to_string(),
+        format!("--maxRetryPause={max_retry_pause_ms}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// About 6.5% of requests fail transiently, 14% of GETs; one fault each (the first rule that
+/// fires).
+fn transient_faults() -> Vec<Rule> {
+    vec![
+        Rule::new(Fault::Status(500)).probability(0.02),
+        Rule::new(Fault::SlowDown).probability(0.02),
+        Rule::new(Fault::Reset).probability(0.02),
+        // Past the 1 s --timeout: the attempt times out and is retried.
+        Rule::new(Fault::Stall(Duration::from_millis(1500))).probability(0.005),
+        Rule::new(Fault::Truncate).method("GET").probability(0.04),
+        Rule::new(Fault::Corrupt).method("GET").probability(0.04),
+    ]
+}
+
+/// A counter of the FUSE stats file.
+fn stat(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {name} in stats:\n{stats}"))
+}
+
+fn injected(stats: &Stats) -> String {
+    let mut kinds: Vec<_> = stats.injected.iter().collect();
+    kinds.sort();
+    kinds
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// fio writing (or, with `verify_only`, re-reading) a crc32c-verified random-write job in `dir`.
+fn fio(dir: &Path, verify_only: bool) {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=faults",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=8m",
+        "--ioengine=psync",
+        "--randseed=4242",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--end_fsync=1",
+        "--verify_state_save=0",
+    ])
+    .arg(format!("--directory={}", dir.display()));
+    if verify_only {
+        cmd.arg("--verify_only");
+    }
+    let out = cmd.output().expect("run fio");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verify:"),
+        "fio (verify_only={verify_only}) failed ({}):\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ext4_survives_transient_faults_with_no_verify_error() {
+    let server = S3Server::start(&[BUCKET]);
+    let proxy = proxy_for(&server, 6);
+    proxy.set_rules(transient_faults());
+    // Up to 30 s of pauses per request: a run of faults on one request is retried through.
+    let args = args(&proxy, 1, 30_000, &["--size=64m", "--blockSize=64k"]);
+
+    let mount = FuseMount::start(&ours(), &args, BUCKET);
+    mkfs_ext4(&mount.file());
+    let tree = {
+        let ext4 = LoopMount::new(&mount.file(), "discard");
+        fio(&ext4.dir, false);
+        write_tree(&ext4.dir, 6, 20)
+    };
+    let write_retries = stat(&mount.stats(), "http_num_retries");
+    let done = mount.unmount();
+    assert!(
+        done.status.success(),
+        "writer exited badly:\n{}",
+        done.stderr
+    );
+
+    // A fresh process has nothing cached: every block read below is a GET through the faults.
+    let mount = FuseMount::start(&ours(), &args, BUCKET);
+    {
+        // rw: fio opens its files for writing even when it only verifies.
+        let ext4 = LoopMount::new(&mount.file(), "rw");
+        fio(&ext4.dir, true);
+        verify_tree(&ext4.dir, &tree);
+    }
+    let read_retries = stat(&mount.stats(), "http_num_retries");
+    let during = proxy.stats();
+    proxy.set_rules(Vec::new());
+    assert_fsck_clean(&mount.file());
+    let done = mount.unmount();
+    assert!(
+        done.status.success(),
+        "reader exited badly:\n{}",
+        done.stderr
+    );
+
+    let requests = during.requests;
+    let faults = during.injected_total();
+    println!(
+        "transient faults: {requests} requests ({} GET, {} PUT, {} DELETE), {faults} faults \
+         injected ({:.1}%: {}), s3backer retries {write_retries} writing + {read_retries} reading; \
+         fio crc32c verify and {} file checksums clean, e2fsck -fn clean",
+        during.method("GET"),
+        during.method("PUT"),
+        during.method("DELETE"),
+        100.0 * faults as f64 / requests as f64,
+        injected(&during),
+        tree.len(),
+    );
+    assert!(
+        faults * 100 >= requests * 5,
+        "too few faults to prove anything"
+    );
+    for kind in ["status", "slowdown", "reset", "truncate", "corrupt"] {
+        assert!(
+            during.injected.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind} fault: {}",
+            injected(&during)
+        );
+    }
+    assert!(write_retries > 0 && read_retries > 0);
+}
+
+#[test]
+fn an_unreachable_store_fails_fsync_keeps_the_data_and_writes_it_later() {
+    let server = S3Server::start(&[BUCKET]);
+    let proxy = proxy_for(&server, 7);
+    // Each request gives up after 1 s of retry pauses: well before the outage ends.
+    let args = args(&proxy, 1, 1000, &["--size=8m", "--blockSize=64k"]);
+    let mount = FuseMount::start(&ours(), &args, BUCKET);
+    let first = pseudo_random(1, 1 << 20);
+    write_and_fsync(&mount.file(), &first).expect("fsync with the store up");
+
+    // The endpoint goes away: every request fails, refused or answered 503.
+    proxy.set_rules(vec![
+        Rule::new(Fault::Reset).probability(0.5),
+        Rule::new(Fault::Status(503)),
+    ]);
+    let second = pseudo_random(2, 1 << 20);
+    let err = write_and_fsync(&mount.file(), &second).expect_err("fsync must fail");
+    assert_eq!(err.raw_os_error(), Some(EIO), "{err}");
+    assert!(is_mounted(&mount.mount_point), "the mount died");
+    assert!(
+        read_prefix(&mount.file(), second.len()) == second,
+        "the unwritten data is not kept"
+    );
+    let outage = proxy.stats();
+
+    // The endpoint returns: a later fsync (no new write) succeeds once the data is up.
+    proxy.set_rules(Vec::new());
+    std::fs::File::open(mount.file())
+        .and_then(|f| f.sync_all())
+        .unwrap_or_else(|e| panic!("fsync after the store is back: {e}\n{}", mount.stderr()));
+    let stats = mount.stats();
+    // Acknowledged means in the bucket: a new process, straight at the server, reads it back.
+    mount.crash();
+    let direct = server.args(&["--force", "--size=8m", "--blockSize=64k"]);
+    let check = FuseMount::start(&ours(), &direct, BUCKET);
+    assert!(
+        read_prefix(&check.file(), second.len()) == second,
+        "the data kept through the outage is not in the bucket"
+    );
+    let done = check.unmount();
+    assert!(done.status.success(), "{}", done.stderr);
+    println!(
+        "outage: {} requests refused ({}), fsync failed with EIO, mount alive, 1 MiB kept; \
+         after the store returned fsync succeeded and the data is in the bucket \
+         (http_num_retries {})",
+        outage.injected_total(),
+        injected(&outage),
+        stat(&stats, "http_num_retries")
+    );
+}
+
+#[test]
+fn unmount_with_unwritten_data_fails_loudly() {
+    let server = S3Server::start(&[BUCKET]);
+    let proxy = proxy_for(&server, 8);
+    let args = args(&proxy, 1, 1000, &["--size=8m", "--blockSize=64k"]);
+    let mount = FuseMount::start(&ours(), &args, BUCKET);
+    proxy.set_rules(vec![Rule::new(Fault::Status(503))]);
+    let data = pseudo_random(3, 256 << 10);
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mount.file())
+            .unwrap();
+        file.write_all(&data).expect("writes are cached");
+    }
+    let done = mount.unmount();
+    assert!(
+        !done.status.success(),
+        "unmount pretended success:\n{}",
+        done.stderr
+    );
+    assert!(
+        done.stderr.contains("NOT ALL DATA WAS WRITTEN"),
+        "{}",
+        done.stderr
+    );
+    // The token stays: the next mount is told the bucket was not cleanly released.
+    assert!(
+        server.object_path(BUCKET, "s3backer-mounted").exists(),
+        "mount token removed although data was lost"
+    );
+    println!(
+        "unmount during an outage: {}, \"NOT ALL DATA WAS WRITTEN\", mount token kept",
+        done.status
+    );
+}
