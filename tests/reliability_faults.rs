@@ -4,15 +4,17 @@
 
 mod common;
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::S3Server;
 use common::mount::{
     FuseMount, LoopMount, assert_fsck_clean, is_mounted, mkfs_ext4, ours, pseudo_random,
     read_prefix, verify_tree, write_and_fsync, write_tree,
 };
+use common::nbd::{NbdFuse, NbdServer};
 use s3proxy::{Fault, Proxy, ProxyConfig, Rule, Stats};
 
 const BUCKET: &str = "faults";
@@ -104,21 +106,69 @@ fn fio(dir: &Path, verify_only: bool) {
     );
 }
 
+/// Puts ext4 on `image` and writes the fio job and a checksummed tree on it.
+fn write_workload(image: &Path) -> BTreeMap<PathBuf, String> {
+    mkfs_ext4(image);
+    let ext4 = LoopMount::new(image, "discard");
+    fio(&ext4.dir, false);
+    write_tree(&ext4.dir, 6, 20)
+}
+
+/// Checks the fio job's crc32c and the tree's checksums on `image`.
+fn verify_workload(image: &Path, tree: &BTreeMap<PathBuf, String>) {
+    // rw: fio opens its files for writing even when it only verifies.
+    let ext4 = LoopMount::new(image, "rw");
+    fio(&ext4.dir, true);
+    verify_tree(&ext4.dir, tree);
+}
+
+/// Prints the figures of a transient-fault run and checks the faults were many and varied and
+/// that s3backer retried while writing and while reading.
+fn report(frontend: &str, during: &Stats, retries: [u64; 2], files: usize) {
+    let requests = during.requests;
+    let faults = during.injected_total();
+    println!(
+        "transient faults over {frontend}: {requests} requests ({} GET, {} PUT, {} DELETE), \
+         {faults} faults injected ({:.1}%: {}), s3backer retries {} writing + {} reading; \
+         fio crc32c verify and {files} file checksums clean, e2fsck -fn clean",
+        during.method("GET"),
+        during.method("PUT"),
+        during.method("DELETE"),
+        100.0 * faults as f64 / requests as f64,
+        injected(during),
+        retries[0],
+        retries[1],
+    );
+    assert!(
+        faults * 100 >= requests * 5,
+        "too few faults to prove anything"
+    );
+    for kind in ["status", "slowdown", "reset", "truncate", "corrupt"] {
+        assert!(
+            during.injected.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind} fault: {}",
+            injected(during)
+        );
+    }
+    assert!(retries[0] > 0 && retries[1] > 0, "{retries:?}");
+}
+
+/// Up to 30 s of pauses per request: a run of faults on one request is retried through.
+fn transient_args(proxy: &Proxy, extra: &[&str]) -> Vec<String> {
+    let mut more = vec!["--size=64m", "--blockSize=64k"];
+    more.extend_from_slice(extra);
+    args(proxy, 1, 30_000, &more)
+}
+
 #[test]
-fn ext4_survives_transient_faults_with_no_verify_error() {
+fn ext4_over_fuse_survives_transient_faults_with_no_verify_error() {
     let server = S3Server::start(&[BUCKET]);
     let proxy = proxy_for(&server, 6);
     proxy.set_rules(transient_faults());
-    // Up to 30 s of pauses per request: a run of faults on one request is retried through.
-    let args = args(&proxy, 1, 30_000, &["--size=64m", "--blockSize=64k"]);
+    let args = transient_args(&proxy, &[]);
 
     let mount = FuseMount::start(&ours(), &args, BUCKET);
-    mkfs_ext4(&mount.file());
-    let tree = {
-        let ext4 = LoopMount::new(&mount.file(), "discard");
-        fio(&ext4.dir, false);
-        write_tree(&ext4.dir, 6, 20)
-    };
+    let tree = write_workload(&mount.file());
     let write_retries = stat(&mount.stats(), "http_num_retries");
     let done = mount.unmount();
     assert!(
@@ -129,12 +179,7 @@ fn ext4_survives_transient_faults_with_no_verify_error() {
 
     // A fresh process has nothing cached: every block read below is a GET through the faults.
     let mount = FuseMount::start(&ours(), &args, BUCKET);
-    {
-        // rw: fio opens its files for writing even when it only verifies.
-        let ext4 = LoopMount::new(&mount.file(), "rw");
-        fio(&ext4.dir, true);
-        verify_tree(&ext4.dir, &tree);
-    }
+    verify_workload(&mount.file(), &tree);
     let read_retries = stat(&mount.stats(), "http_num_retries");
     let during = proxy.stats();
     proxy.set_rules(Vec::new());
@@ -145,32 +190,53 @@ fn ext4_survives_transient_faults_with_no_verify_error() {
         "reader exited badly:\n{}",
         done.stderr
     );
+    report("FUSE", &during, [write_retries, read_retries], tree.len());
+}
 
-    let requests = during.requests;
-    let faults = during.injected_total();
-    println!(
-        "transient faults: {requests} requests ({} GET, {} PUT, {} DELETE), {faults} faults \
-         injected ({:.1}%: {}), s3backer retries {write_retries} writing + {read_retries} reading; \
-         fio crc32c verify and {} file checksums clean, e2fsck -fn clean",
-        during.method("GET"),
-        during.method("PUT"),
-        during.method("DELETE"),
-        100.0 * faults as f64 / requests as f64,
-        injected(&during),
-        tree.len(),
-    );
-    assert!(
-        faults * 100 >= requests * 5,
-        "too few faults to prove anything"
-    );
-    for kind in ["status", "slowdown", "reset", "truncate", "corrupt"] {
+/// `http_num_retries` of a `--statsFileMirror` file (not deleted: that resets the counters).
+fn mirrored_retries(path: &Path) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // The mirror rewrites the file every 50 ms: this read is at most that stale.
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return stat(&text, "http_num_retries");
+        }
         assert!(
-            during.injected.get(kind).copied().unwrap_or(0) > 0,
-            "no {kind} fault: {}",
-            injected(&during)
+            Instant::now() < deadline,
+            "no stats mirror at {}",
+            path.display()
         );
     }
-    assert!(write_retries > 0 && read_retries > 0);
+}
+
+#[test]
+fn ext4_over_nbd_survives_transient_faults_with_no_verify_error() {
+    let server = S3Server::start(&[BUCKET]);
+    let proxy = proxy_for(&server, 16);
+    proxy.set_rules(transient_faults());
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("stats");
+    let mirror_flag = format!("--statsFileMirror={}", mirror.display());
+    let args = transient_args(&proxy, &[&mirror_flag, "--statsFileMirrorInterval=50"]);
+
+    let nbd = NbdServer::start(&ours(), &args, BUCKET);
+    let fuse = NbdFuse::start(&nbd.uri());
+    let tree = write_workload(&fuse.file());
+    fuse.unmount();
+    let write_retries = mirrored_retries(&mirror);
+    nbd.stop_ok();
+
+    let nbd = NbdServer::start(&ours(), &args, BUCKET);
+    let fuse = NbdFuse::start(&nbd.uri());
+    verify_workload(&fuse.file(), &tree);
+    let read_retries = mirrored_retries(&mirror);
+    let during = proxy.stats();
+    proxy.set_rules(Vec::new());
+    assert_fsck_clean(&fuse.file());
+    fuse.unmount();
+    nbd.stop_ok();
+    report("NBD", &during, [write_retries, read_retries], tree.len());
 }
 
 #[test]
