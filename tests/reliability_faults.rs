@@ -255,8 +255,10 @@ fn an_unreachable_store_fails_fsync_keeps_the_data_and_writes_it_later() {
         Rule::new(Fault::Status(503)),
     ]);
     let second = pseudo_random(2, 1 << 20);
+    let started = Instant::now();
     let err = write_and_fsync(&mount.file(), &second).expect_err("fsync must fail");
     assert_eq!(err.raw_os_error(), Some(EIO), "{err}");
+    let failed_after = started.elapsed();
     assert!(is_mounted(&mount.mount_point), "the mount died");
     assert!(
         read_prefix(&mount.file(), second.len()) == second,
@@ -281,11 +283,12 @@ fn an_unreachable_store_fails_fsync_keeps_the_data_and_writes_it_later() {
     let done = check.unmount();
     assert!(done.status.success(), "{}", done.stderr);
     println!(
-        "outage: {} requests refused ({}), fsync failed with EIO, mount alive, 1 MiB kept; \
+        "outage: {} requests refused ({}), fsync failed with EIO after {:.1} s, mount alive, 1 MiB kept; \
          after the store returned fsync succeeded and the data is in the bucket \
          (http_num_retries {})",
         outage.injected_total(),
         injected(&outage),
+        failed_after.as_secs_f64(),
         stat(&stats, "http_num_retries")
     );
 }
