@@ -330,3 +330,31 @@ fn unmount_with_unwritten_data_fails_loudly() {
         done.status
     );
 }
+
+#[test]
+fn an_unreachable_store_fails_nbd_flush_and_a_later_flush_writes_the_data() {
+    let server = S3Server::start(&[BUCKET]);
+    let proxy = proxy_for(&server, 9);
+    let args = args(&proxy, 1, 1000, &["--size=8m", "--blockSize=64k"]);
+    let nbd = NbdServer::start(&ours(), &args, BUCKET);
+    let fuse = NbdFuse::start(&nbd.uri());
+    proxy.set_rules(vec![Rule::new(Fault::Status(503))]);
+    let data = pseudo_random(4, 1 << 20);
+    let err = write_and_fsync(&fuse.file(), &data).expect_err("NBD FLUSH must fail");
+    assert_eq!(err.raw_os_error(), Some(EIO), "{err}\n{}", nbd.stderr());
+    proxy.set_rules(Vec::new());
+    std::fs::File::open(fuse.file())
+        .and_then(|f| f.sync_all())
+        .unwrap_or_else(|e| panic!("flush after the store is back: {e}\n{}", nbd.stderr()));
+    fuse.unmount();
+    nbd.stop_ok();
+    let direct = server.args(&["--size=8m", "--blockSize=64k"]);
+    let check = FuseMount::start(&ours(), &direct, BUCKET);
+    assert!(
+        read_prefix(&check.file(), data.len()) == data,
+        "the data kept through the outage is not in the bucket"
+    );
+    let done = check.unmount();
+    assert!(done.status.success(), "{}", done.stderr);
+    println!("outage over NBD: FLUSH failed with EIO, the next FLUSH wrote the 1 MiB kept");
+}
