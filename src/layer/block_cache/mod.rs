@@ -199,6 +199,8 @@ struct Epoch {
 #[derive(Debug, Clone)]
 struct UploadFailure {
     block: BlockId,
+    /// Number of the failed upload (`State::uploads_started` when it began).
+    started: u64,
     errno: i32,
     message: String,
 }
@@ -234,7 +236,12 @@ struct State {
     /// Reading entries a worker should load.
     prefetch: VecDeque<BlockId>,
     next_seq: u64,
-    upload_failures: u64,
+    /// Uploads begun so far; a waiter fails only on uploads begun after it started waiting,
+    /// so an attempt made while the store was away does not fail a flush issued after its return.
+    uploads_started: u64,
+    /// The number of each upload in progress.
+    upload_number: HashMap<BlockId, u64>,
+    /// The failure of the latest-begun upload that failed.
     last_failure: Option<UploadFailure>,
     /// Last block read and the length of the current run of sequential reads.
     last_read: Option<u32>,
@@ -775,7 +782,7 @@ impl Shared {
         block: BlockId,
         seq: u64,
     ) -> Result<()> {
-        let failures = st.upload_failures;
+        let begun = st.uploads_started;
         loop {
             let pending = match st.entries.get(&block) {
                 Some(EntryState::Dirty { versions, .. }) => versions
@@ -786,8 +793,10 @@ impl Shared {
             if !pending {
                 return Ok(());
             }
-            if st.upload_failures != failures
-                && let Some(failure) = st.last_failure.as_ref().filter(|f| f.block == block)
+            if let Some(failure) = st
+                .last_failure
+                .as_ref()
+                .filter(|f| f.block == block && f.started > begun)
             {
                 return Err(failure.to_error());
             }
@@ -843,14 +852,13 @@ impl Shared {
 
     /// Waits until every epoch up to `target` is uploaded, then flushes below.
     fn wait_epochs(&self, mut st: MutexGuard<'_, State>, target: u64) -> Result<()> {
-        let failures = st.upload_failures;
+        let begun = st.uploads_started;
         while st
             .epochs
             .first_key_value()
             .is_some_and(|(&e, _)| e <= target)
         {
-            if st.upload_failures != failures {
-                let failure = st.last_failure.clone().expect("failure without details");
+            if let Some(failure) = st.last_failure.as_ref().filter(|f| f.started > begun) {
                 return Err(failure.to_error());
             }
             if st.stopping {
@@ -983,7 +991,10 @@ impl Shared {
         };
         debug_assert!(!*uploading);
         *uploading = true;
-        Job::Upload(block, versions[0].data.clone())
+        let job = Job::Upload(block, versions[0].data.clone());
+        st.uploads_started += 1;
+        st.upload_number.insert(block, st.uploads_started);
+        job
     }
 
     fn finish_upload(&self, st: &mut State, block: BlockId, result: Result<()>) {
@@ -995,6 +1006,10 @@ impl Shared {
             unreachable!("uploaded block {block} is not dirty");
         };
         *uploading = false;
+        let number = st
+            .upload_number
+            .remove(&block)
+            .expect("upload without its number");
         match result {
             Ok(()) => {
                 let done = versions.pop_front().expect("uploaded version vanished");
@@ -1022,12 +1037,14 @@ impl Shared {
                     "upload of block {block} failed, retrying in {:?}: {e}",
                     self.opts.retry_pause
                 );
-                st.upload_failures += 1;
-                st.last_failure = Some(UploadFailure {
-                    block,
-                    errno: e.errno(),
-                    message: e.to_string(),
-                });
+                if st.last_failure.as_ref().is_none_or(|f| f.started < number) {
+                    st.last_failure = Some(UploadFailure {
+                        block,
+                        started: number,
+                        errno: e.errno(),
+                        message: e.to_string(),
+                    });
+                }
                 st.retry
                     .push_back((Instant::now() + self.opts.retry_pause, block));
             }

@@ -55,6 +55,7 @@ struct Probe {
     gate: Condvar,
     fail_writes: AtomicBool,
     writes_started: AtomicUsize,
+    writes_refused: AtomicUsize,
 }
 
 impl Probe {
@@ -70,6 +71,7 @@ impl Probe {
             gate: Condvar::new(),
             fail_writes: AtomicBool::new(false),
             writes_started: AtomicUsize::new(0),
+            writes_refused: AtomicUsize::new(0),
         })
     }
 
@@ -120,6 +122,7 @@ impl BlockStore for Probe {
         }
         drop(held);
         if self.fail_writes.load(Ordering::SeqCst) {
+            self.writes_refused.fetch_add(1, Ordering::SeqCst);
             return Err(Error::Other(format!("probe refuses block {block}")));
         }
         let mut log = self.log.lock();
@@ -359,6 +362,38 @@ fn failed_uploads_are_retried_and_flush_reports_them_until_the_store_recovers() 
     });
     probe.fail_writes.store(false, Ordering::SeqCst);
     cache.flush().unwrap();
+    assert_eq!(probe.mem.stored(BlockId(4)), Some(filled(9)));
+}
+
+#[test]
+fn an_upload_that_began_before_a_flush_and_fails_does_not_fail_the_flush() {
+    let probe = Probe::new(16);
+    let opts = BlockCacheOptions {
+        retry_pause: Duration::from_millis(300),
+        ..opts()
+    };
+    let (cache, _gate) = cache_over(&probe, opts);
+    probe.fail_writes.store(true, Ordering::SeqCst);
+    probe.set_gate(false);
+    write(&cache, 4, 9);
+    eventually("upload started", || {
+        probe.writes_started.load(Ordering::SeqCst) == 1
+    });
+    // The store comes back while that attempt is still on its way to failing.
+    let flushed = {
+        let cache = Arc::clone(&cache);
+        spawn(move || cache.flush())
+    };
+    assert!(flushed.recv_timeout(QUIET).is_err(), "flush did not wait");
+    probe.set_gate(true);
+    eventually("the old attempt failed", || {
+        probe.writes_refused.load(Ordering::SeqCst) == 1
+    });
+    probe.fail_writes.store(false, Ordering::SeqCst);
+    flushed
+        .recv_timeout(WAIT)
+        .unwrap()
+        .expect("the retry after the store came back succeeds, and so does the flush");
     assert_eq!(probe.mem.stored(BlockId(4)), Some(filled(9)));
 }
 
