@@ -378,6 +378,70 @@ class Bench:
             out[f"{label}{name}"] = float(v)
         self.drop_bucket(bucket)
 
+    def nbd_serve(self, bucket, base_url, size):
+        """Our binary serving `bucket` over NBD on a Unix socket (foreground)."""
+        sock = self.tmp / f"nbd-{bucket}.sock"
+        args = [OURS, f"--baseURL={base_url}", "--accessId=testkey", "--accessKey=testsecret",
+                *COMMON_FLAGS, f"--nbd-socket={sock}", "-f"]
+        if size:
+            args.append(f"--size={size}")
+        p = self.spawn([*args, bucket], f"nbd-{bucket}.log")
+        self.wait_for("NBD socket", lambda: sock.exists() or p.poll() is not None, 60)
+        if not sock.exists():
+            raise RuntimeError(f"NBD server did not start; see {self.tmp}/nbd-{bucket}.log")
+        return p, f"nbd+unix:///?socket={sock}"
+
+    def nbd_stop(self, p):
+        """SIGTERM (flush, then exit); returns the whole-life CPU seconds."""
+        os.kill(p.pid, signal.SIGTERM)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        self.procs.remove(p)
+        if p.returncode != 0:
+            raise RuntimeError(f"NBD server exited with {p.returncode}; see {self.tmp}")
+        return ru.ru_utime + ru.ru_stime
+
+    def nbd_fio(self, uri, rw):
+        sock = uri.split("socket=", 1)[1]
+        cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}",
+               f"--size={self.args.fio_mib}M", "--bs=4k", f"--rw={rw}", "--iodepth=32",
+               f"--runtime={self.args.fio_secs}", "--time_based", "--output-format=json"]
+        del sock
+        t0 = time.monotonic()
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        wall = time.monotonic() - t0
+        job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+        return job["read" if rw == "randread" else "write"]["total_ios"] / wall
+
+    def nbd_rows(self, base_url, label, out):
+        """The NBD frontend (ours only): nbdcopy in (with a final flush) and out, fio's nbd
+        engine for 4 KiB random I/O on the raw export."""
+        bucket = self.new_bucket("nbd-seq")
+        src = self.source_file()
+        gib = self.seq_bytes / GIB
+        p, uri = self.nbd_serve(bucket, base_url, f"{self.args.seq_mib}m")
+        t0 = time.monotonic()
+        self.run(["nbdcopy", "--flush", str(src), uri])
+        cpu = self.nbd_stop(p)
+        out[f"{label}NBD nbdcopy write MiB/s"] = self.seq_bytes / MIB / (time.monotonic() - t0)
+        out[f"{label}NBD nbdcopy write CPU s/GiB"] = cpu / gib
+        p, uri = self.nbd_serve(bucket, base_url, None)
+        t0 = time.monotonic()
+        self.run(["nbdcopy", uri, "null:"])
+        wall = time.monotonic() - t0
+        cpu = self.nbd_stop(p)
+        out[f"{label}NBD nbdcopy cold read MiB/s"] = self.seq_bytes / MIB / wall
+        out[f"{label}NBD nbdcopy cold read CPU s/GiB"] = cpu / gib
+        self.drop_bucket(bucket)
+        bucket = self.new_bucket("nbd-fio")
+        p, uri = self.nbd_serve(bucket, base_url, f"{self.args.fio_mib}m")
+        out[f"{label}NBD fio 4k randwrite IOPS"] = self.nbd_fio(uri, "randwrite")
+        self.nbd_stop(p)
+        p, uri = self.nbd_serve(bucket, base_url, None)
+        out[f"{label}NBD fio 4k randread IOPS (cold)"] = self.nbd_fio(uri, "randread")
+        self.nbd_stop(p)
+        self.drop_bucket(bucket)
+
     # ---- one run --------------------------------------------------------------------------
 
     def one_run(self, n):
@@ -395,6 +459,9 @@ class Bench:
                 self.say(f"run {n}: {prog} sequential ({variant})")
                 label = "" if variant == "plain" else f"[{variant}] "
                 self.seq_rows(prog, self.base_url, variant, label, out)
+            if prog == "ours":
+                self.say(f"run {n}: ours over NBD")
+                self.nbd_rows(self.base_url, "", out)
             self.say(f"run {n}: {prog} ext4")
             self.ext4_rows(prog, self.base_url, "", out)
             self.say(f"run {n}: {prog} mkfs 100 GiB")
@@ -403,6 +470,8 @@ class Bench:
             self.say(f"run {n}: {prog} with {self.args.delay_ms} ms per request")
             self.seq_rows(prog, proxy[1], "plain", "+25ms ", out)
             self.ext4_rows(prog, proxy[1], "+25ms ", out, with_tree=False)
+            if prog == "ours":
+                self.nbd_rows(proxy[1], "+25ms ", out)
             self.stop_proxy(proxy)
         return results
 
@@ -524,6 +593,17 @@ def write_report(args, med, runs, wall):
         lines.append(f"| {key} | {fmt(ours[key])} | {fmt(c.get(key, 0))} | "
                      f"{fmt(r) if r else ''} | {ratio(ours[key], c.get(key, 0))} | "
                      f"{ratio(ours[key], r) if r else ''} |")
+    nbd = [k for k in ours if "NBD" in k]
+    if nbd:
+        lines += ["", "## NBD (ours only) beside our FUSE rows", "",
+                  "| Row | NBD | FUSE | NBD/FUSE |", "|---|---|---|---|"]
+        for key in nbd:
+            fuse_key = (key.replace("NBD nbdcopy write", "seq write")
+                        .replace("NBD nbdcopy cold read", "cold seq read")
+                        .replace("NBD fio", "fio"))
+            f = ours.get(fuse_key)
+            lines.append(f"| {key} | {fmt(ours[key])} | {fmt(f) if f else ''} | "
+                         f"{ratio(ours[key], f) if f else ''} |")
     lines += ["", "## Every run", "", "```", json.dumps(runs, indent=1), "```", ""]
     lines += [
         "## How it is measured",
@@ -545,6 +625,10 @@ def write_report(args, med, runs, wall):
         "- +25ms rows: the same workloads through `s3proxy --delay-ms 25` (the delay is added "
         "to every request, concurrently).",
         "- Raw: `s3raw` PUTs then GETs the same number of 1 MiB objects with parallel threads.",
+        "- NBD (ours only): `s3backer --nbd-socket`; `nbdcopy --flush` of the random file in, "
+        "timed until the server has exited after SIGTERM (its final flush); after a restart "
+        "`nbdcopy` out to `null:`; fio's `nbd` engine 4 KiB randwrite/randread (iodepth 32) on "
+        "the raw export (no ext4 and no loop device, unlike the FUSE fio rows).",
         "",
     ]
     Path(args.output).write_text("\n".join(lines))
