@@ -7,7 +7,14 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
+use std::sync::Arc;
+use std::time::Duration;
+
+use s3backer::backend::memory::MemoryBackend;
+use s3backer::geometry::{BlockId, Geometry};
 use s3backer::layer::block_cache::cache_file::{self, CacheFile};
+use s3backer::layer::block_cache::{BlockCache, BlockCacheOptions, CacheFileOptions};
+use s3backer::store::BlockStore;
 
 const BLOCK_SIZES: [u32; 2] = [512, 4096];
 
@@ -21,8 +28,13 @@ struct Input {
     valid_header: Option<bool>,
     /// Sparse zeroes appended, in pages: slots past the end of a small input exist then.
     extend_pages: u8,
+    /// Open the file through the block cache instead (recover dirty, no verify): what a mount does.
+    through_cache: Option<(bool, bool)>,
     bytes: Vec<u8>,
 }
+
+/// Disk of the block-cache path: small, so entries past its end occur.
+const DISK_BLOCKS: u32 = 8;
 
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -61,6 +73,10 @@ fuzz_target!(|input: Input| {
     }
 
     let _ = cache_file::read_mount_token(&path);
+    if let Some((recover_dirty, no_verify)) = input.through_cache {
+        open_through_cache(&path, block_size, input.max_blocks, recover_dirty, no_verify);
+        return;
+    }
     let max_blocks = u32::from(input.max_blocks);
     if let Ok((cache, entries)) = CacheFile::open(&path, block_size, max_blocks, false) {
         assert_eq!(cache.max_blocks(), max_blocks);
@@ -75,3 +91,42 @@ fuzz_target!(|input: Input| {
         assert_eq!(again, entries);
     }
 });
+
+fn open_through_cache(
+    path: &std::path::Path,
+    block_size: u32,
+    size: u8,
+    recover_dirty: bool,
+    no_verify: bool,
+) {
+    let geometry = Geometry::new(u64::from(block_size * DISK_BLOCKS), block_size).unwrap();
+    let backend = Arc::new(MemoryBackend::new(geometry));
+    let options = BlockCacheOptions {
+        size: usize::from(size),
+        threads: 1,
+        write_delay: Duration::ZERO,
+        read_ahead: 0,
+        file: Some(CacheFileOptions {
+            path: path.to_path_buf(),
+            no_verify,
+            recover_dirty,
+            advise: false,
+            mount_token: 1,
+        }),
+        ..BlockCacheOptions::default()
+    };
+    let Ok(cache) = BlockCache::open(backend.clone(), options) else {
+        return;
+    };
+    let mut seen = vec![0u8; (block_size * DISK_BLOCKS) as usize];
+    for (block, buf) in (0..).zip(seen.chunks_mut(block_size as usize)) {
+        cache.read_block(BlockId(block), buf).expect("read");
+    }
+    cache.shutdown().expect("shutdown uploads recovered blocks");
+    // Unless clean entries are trusted unchecked, what the cache served reached the backend.
+    let mut stored = vec![0u8; block_size as usize];
+    for (block, buf) in (0..).zip(seen.chunks(block_size as usize)) {
+        backend.read_block(BlockId(block), &mut stored).unwrap();
+        assert!(no_verify || buf == stored, "block {block} differs from the backend");
+    }
+}

@@ -72,7 +72,11 @@ fn codecs() -> &'static [Codec] {
 
 fuzz_target!(|input: Input| {
     let codecs = codecs();
-    let codec = &codecs[usize::from(input.codec) % codecs.len()];
+    let index = usize::from(input.codec) % codecs.len();
+    let codec = &codecs[index];
+    // The last codec assumes `deflate` for bodies without Content-Encoding, like C's
+    // --defaultContentEncoding; its own raw writes do not round-trip by design.
+    let round_trips = index != codecs.len() - 1;
     let block_size = BLOCK_SIZES[usize::from(input.block_size) % BLOCK_SIZES.len()];
     let block = BlockId(input.block);
     let (body, content_encoding, hmac_header) = match input.body {
@@ -89,7 +93,7 @@ fuzz_target!(|input: Input| {
             };
             let encoded = codec.encode(block, &data).expect("encode never fails");
             // A clean round trip must give the data back.
-            if flips.is_empty() && truncate.is_none() {
+            if round_trips && flips.is_empty() && truncate.is_none() {
                 let decoded = codec
                     .decode(
                         block,
