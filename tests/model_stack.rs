@@ -106,9 +106,19 @@ impl BlockStore for CodecStore {
 #[derive(Clone, Debug)]
 enum Op {
     /// Bytes from `seed` (all zero when `seed == 0`) at any offset and length.
-    Write { offset: u64, len: usize, seed: u8 },
-    Read { offset: u64, len: usize },
-    Zero { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: usize,
+        seed: u8,
+    },
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
     Flush,
     /// Reads the whole disk: more blocks than the cache holds, so every entry is evicted.
     ReadAll,
@@ -205,7 +215,13 @@ fn run(shape: StackShape, ops: &[Op]) -> Result<(), TestCaseError> {
                 let mut buf = vec![0xa5; len];
                 prop_assert_eq!(part.read(offset, &mut buf).expect("read"), len);
                 let want = &model[offset as usize..offset as usize + len];
-                prop_assert!(buf == want, "step {}: read {}+{} differs", step, offset, len);
+                prop_assert!(
+                    buf == want,
+                    "step {}: read {}+{} differs",
+                    step,
+                    offset,
+                    len
+                );
             }
             Op::Zero { offset, len } => {
                 part.zero_range(offset, len).expect("zero range");
@@ -224,21 +240,33 @@ fn run(shape: StackShape, ops: &[Op]) -> Result<(), TestCaseError> {
     // Shutdown flushed everything: the backend alone holds the model.
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
     for (block, want) in (0..NUM_BLOCKS).zip(model.chunks(BLOCK_SIZE as usize)) {
-        backend.read_block(BlockId(block), &mut buf).expect("backend read");
-        prop_assert!(buf == want, "backend block {} differs after shutdown", block);
+        backend
+            .read_block(BlockId(block), &mut buf)
+            .expect("backend read");
+        prop_assert!(
+            buf == want,
+            "backend block {} differs after shutdown",
+            block
+        );
     }
     Ok(())
 }
 
 fn shape() -> impl Strategy<Value = StackShape> {
-    (any::<bool>(), prop_oneof![Just(0u64), Just(2)], 1usize..=4, 0u32..=2).prop_map(
-        |(encoded, write_delay_ms, cache_blocks, read_ahead)| StackShape {
-            encoded,
-            write_delay_ms,
-            cache_blocks,
-            read_ahead,
-        },
+    (
+        any::<bool>(),
+        prop_oneof![Just(0u64), Just(2)],
+        1usize..=4,
+        0u32..=2,
     )
+        .prop_map(
+            |(encoded, write_delay_ms, cache_blocks, read_ahead)| StackShape {
+                encoded,
+                write_delay_ms,
+                cache_blocks,
+                read_ahead,
+            },
+        )
 }
 
 proptest! {
