@@ -74,7 +74,13 @@ fuzz_target!(|input: Input| {
 
     let _ = cache_file::read_mount_token(&path);
     if let Some((recover_dirty, no_verify)) = input.through_cache {
-        open_through_cache(&path, block_size, input.max_blocks, recover_dirty, no_verify);
+        open_through_cache(
+            &path,
+            block_size,
+            input.max_blocks,
+            recover_dirty,
+            no_verify,
+        );
         return;
     }
     let max_blocks = u32::from(input.max_blocks);
@@ -83,7 +89,9 @@ fuzz_target!(|input: Input| {
         let mut buf = vec![0u8; block_size as usize];
         for (slot, _) in &entries {
             assert!(*slot < max_blocks);
-            cache.read_slot(*slot, &mut buf).expect("listed slot is readable");
+            cache
+                .read_slot(*slot, &mut buf)
+                .expect("listed slot is readable");
         }
         // A file that opened opens again, with the same entries.
         drop(cache);
@@ -127,6 +135,9 @@ fn open_through_cache(
     let mut stored = vec![0u8; block_size as usize];
     for (block, buf) in (0..).zip(seen.chunks(block_size as usize)) {
         backend.read_block(BlockId(block), &mut stored).unwrap();
-        assert!(no_verify || buf == stored, "block {block} differs from the backend");
+        assert!(
+            no_verify || buf == stored,
+            "block {block} differs from the backend"
+        );
     }
 }
