@@ -12,6 +12,16 @@ fn main() {
     if let Some(rev) = rev {
         println!("cargo:rustc-env=S3BACKER_GIT_REV={rev}");
     }
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/refs/heads");
+    // In a worktree `.git` is a file: ask git where HEAD lives, or cargo reruns us every build.
+    let git_dir = std::process::Command::new("git")
+        .args(["rev-parse", "--git-dir"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|dir| dir.trim().to_string());
+    if let Some(dir) = git_dir {
+        println!("cargo:rerun-if-changed={dir}/HEAD");
+        println!("cargo:rerun-if-changed={dir}/refs/heads");
+    }
 }
