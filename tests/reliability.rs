@@ -235,8 +235,20 @@ fn kill_9_never_loses_fsynced_writes_with_cache_file() {
 /// (once the journal is replayed by a read-write mount).
 #[test]
 fn kill_9_under_ext4_keeps_fsynced_files() {
+    ext4_crash_rounds(None);
+}
+
+/// The same with `--blockCacheFile`: an fsync is satisfied by the cache file, and the next
+/// mount (`--blockCacheRecoverDirtyBlocks`) uploads what the killed one had acknowledged.
+#[test]
+fn kill_9_under_ext4_keeps_fsynced_files_with_cache_file() {
+    let dir = tempfile::tempdir().unwrap();
+    ext4_crash_rounds(Some(&dir.path().join("cache")));
+}
+
+fn ext4_crash_rounds(cache: Option<&Path>) {
     let server = S3Server::start(&[BUCKET]);
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         format!("--baseURL={}", server.base_url()),
         "--accessId=testkey".into(),
         "--accessKey=testsecret".into(),
@@ -247,6 +259,10 @@ fn kill_9_under_ext4_keeps_fsynced_files() {
         "--force".into(),
     ]
     .into();
+    if let Some(cache) = cache {
+        args.push(format!("--blockCacheFile={}", cache.display()));
+        args.push("--blockCacheRecoverDirtyBlocks".into());
+    }
     let mut expected: HashMap<String, Vec<u8>> = HashMap::new();
     let mut rng = Seeded(0x5eed_0003);
     let rounds = iterations().div_ceil(4);
@@ -314,8 +330,13 @@ fn kill_9_under_ext4_keeps_fsynced_files() {
     let done = fuse.unmount();
     assert!(done.status.success(), "{}", done.stderr);
     println!(
-        "kill -9 under ext4: {rounds} rounds, {} fsynced files, {files_checked} file checks, none lost, e2fsck clean; \
+        "kill -9 under ext4{}: {rounds} rounds, {} fsynced files, {files_checked} file checks, none lost, e2fsck clean; \
          {torn} PUTs torn by s3s-fs on kill completed",
+        if cache.is_some() {
+            " with --blockCacheFile"
+        } else {
+            ""
+        },
         expected.len()
     );
 }
