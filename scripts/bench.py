@@ -604,6 +604,9 @@ def write_report(args, med, runs, wall):
             f = ours.get(fuse_key)
             lines.append(f"| {key} | {fmt(ours[key])} | {fmt(f) if f else ''} | "
                          f"{ratio(ours[key], f) if f else ''} |")
+    analysis = REPO / "bench/analysis.md"
+    if analysis.exists():
+        lines += ["", analysis.read_text().rstrip()]
     lines += ["", "## Every run", "", "```", json.dumps(runs, indent=1), "```", ""]
     lines += [
         "## How it is measured",
