@@ -585,10 +585,12 @@ fn is_permanent_failure(status: u16, body: &[u8]) -> bool {
         "<Code>RequestTimeTooSkewed</Code>",
         "<Code>OperationAborted</Code>",
     ];
+    // Status first: a 2xx body is a whole block, not worth scanning.
+    if !(400..500).contains(&status) || matches!(status, 404 | 408 | 412 | 429) {
+        return false;
+    }
     let body = String::from_utf8_lossy(body);
-    (400..500).contains(&status)
-        && !matches!(status, 404 | 408 | 412 | 429)
-        && !TRANSIENT_CODES.iter().any(|code| body.contains(code))
+    !TRANSIENT_CODES.iter().any(|code| body.contains(code))
 }
 
 fn error_code(body: &[u8]) -> String {
