@@ -7,12 +7,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::S3Server;
 use common::mount::{
     LoopMount, assert_fsck_clean, mkfs_ext4, ours, pseudo_random, run, verify_ext4_disk,
-    verify_tree, write_ext4_disk, write_tree,
+    verify_tree, wait_until, write_ext4_disk, write_tree,
 };
 use common::nbd::{NbdFuse, NbdServer};
 
@@ -178,17 +178,6 @@ trap 'exit 0' TERM
 while :; do sleep 0.1; done
 "#;
 
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
 #[test]
 fn nbd_device_mode_runs_nbd_client_and_detaches_on_sigterm() {
     use std::os::unix::fs::PermissionsExt;
@@ -220,13 +209,13 @@ fn nbd_device_mode_runs_nbd_client_and_detaches_on_sigterm() {
         .spawn()
         .unwrap();
     let _kill = KillOnDrop(child.id());
-    let wrote = wait_for(Duration::from_secs(30), || {
+    let wrote = wait_until(Duration::from_secs(30), || {
         std::fs::read_to_string(&log).is_ok_and(|l| l.contains("wrote"))
     });
     assert!(wrote, "fake nbd-client never wrote through the socket");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let exited = wait_for(Duration::from_secs(60), || {
+    let exited = wait_until(Duration::from_secs(60), || {
         child.try_wait().ok().flatten().is_some()
     });
     assert!(exited, "s3backer did not exit after SIGTERM");

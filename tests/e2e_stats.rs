@@ -13,15 +13,7 @@ use common::mount::{FuseMount, ours, read_prefix, write_and_fsync};
 const BUCKET: &str = "stats";
 
 fn s3_args(server: &S3Server, extra: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        format!("--baseURL={}", server.base_url()),
-        "--accessId=testkey".to_string(),
-        "--accessKey=testsecret".to_string(),
-        "--timeout=10".to_string(),
-        "--maxRetryPause=5000".to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    server.args(extra)
 }
 
 /// The value of one `name value` line.

@@ -16,16 +16,15 @@ const WRITTEN: usize = 4;
 const DAMAGED: usize = 2;
 
 fn args(server: &S3Server, extra: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        format!("--baseURL={}", server.base_url()),
-        "--accessId=testkey".to_string(),
-        "--accessKey=testsecret".to_string(),
-        "--timeout=2".to_string(),
-        "--initialRetryPause=50".to_string(),
-        "--maxRetryPause=200".to_string(),
-        "--size=1m".to_string(),
-        format!("--blockSize={BLOCK}"),
-    ];
+    // Later flags win: these shorten the fixture's retry times.
+    let block = format!("--blockSize={BLOCK}");
+    let mut args = server.args(&[
+        "--timeout=2",
+        "--initialRetryPause=50",
+        "--maxRetryPause=200",
+        "--size=1m",
+        &block,
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }

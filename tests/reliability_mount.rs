@@ -14,15 +14,13 @@ use common::mount::{FuseMount, ours, run};
 const BUCKET: &str = "mounts";
 
 fn args(server: &S3Server, extra: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        format!("--baseURL={}", server.base_url()),
-        "--accessId=testkey".to_string(),
-        "--accessKey=testsecret".to_string(),
-        "--timeout=2".to_string(),
-        "--maxRetryPause=500".to_string(),
-        "--size=1m".to_string(),
-        "--blockSize=64k".to_string(),
-    ];
+    // Later flags win: these shorten the fixture's retry times.
+    let mut args = server.args(&[
+        "--timeout=2",
+        "--maxRetryPause=500",
+        "--size=1m",
+        "--blockSize=64k",
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }

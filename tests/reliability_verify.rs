@@ -15,14 +15,12 @@ const BLOCK: usize = 64 * 1024;
 const WRITTEN: usize = 12;
 
 fn args(server: &S3Server, extra: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        format!("--baseURL={}", server.base_url()),
-        "--accessId=testkey".to_string(),
-        "--accessKey=testsecret".to_string(),
-        "--timeout=2".to_string(),
-        "--initialRetryPause=50".to_string(),
-        "--maxRetryPause=200".to_string(),
-    ];
+    // Later flags win: these shorten the fixture's retry times.
+    let mut args = server.args(&[
+        "--timeout=2",
+        "--initialRetryPause=50",
+        "--maxRetryPause=200",
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }

@@ -34,7 +34,7 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split_whitespace().nth(1) == Some(path.as_ref()))
 }
 
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
         if done() {

@@ -5,20 +5,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::mount::{Finished, is_mounted};
-
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    done()
-}
+use super::mount::{Finished, is_mounted, wait_until};
 
 /// `s3backer --nbd-socket=SOCKET -f args... BUCKET`, running until `stop`.
 pub struct NbdServer {
