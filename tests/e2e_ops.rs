@@ -598,10 +598,10 @@ fn notify_socket_gets_ready_once_the_file_is_usable_and_stopping_at_unmount() {
 // Logs
 
 /// Mounts with `env ENV... s3backer ARGS`, writes the file, unmounts; returns the stderr lines.
-fn log_lines(env: &[&str], args: &[&str], bucket: &str) -> Vec<String> {
+fn log_lines<S: AsRef<str>>(env: &[&str], args: &[S], bucket: &str) -> Vec<String> {
     let mut all: Vec<String> = env.iter().map(|s| s.to_string()).collect();
     all.push(ours().display().to_string());
-    all.extend(args.iter().map(|s| s.to_string()));
+    all.extend(args.iter().map(|s| s.as_ref().to_string()));
     let mount = FuseMount::start(Path::new("/usr/bin/env"), &all, bucket);
     std::fs::write(mount.file(), b"hello").unwrap();
     let done = mount.unmount();
@@ -663,8 +663,8 @@ fn log_levels_follow_debug_quiet_and_rust_log() {
     );
 }
 
-/// Fails today: FUSE's "[Not Implemented] getxattr(ino: INodeNo(\n 0x2,\n), ...)" warning spans
-/// three lines. Needs the logging.rs change described in the issue 7 note (one event = one line).
+/// FUSE's multi-line warnings (e.g. "[Not Implemented] getxattr(ino: INodeNo(\n 0x2,\n), ...)")
+/// must not leak into the log: one event is one line starting with "s3backer: ".
 #[test]
 fn every_log_line_is_one_whole_event() {
     let store = tempfile::tempdir().unwrap();
@@ -682,19 +682,11 @@ fn every_log_line_is_one_whole_event() {
 fn debug_http_logs_each_request_and_response_on_one_line() {
     const BUCKET: &str = "logs";
     let server = S3Server::start(&[BUCKET]);
-    let base = format!("--baseURL={}", server.base_url());
-    let args = [
-        base.as_str(),
-        "--accessId=testkey",
-        "--accessKey=testsecret",
-        "--size=4m",
-        "--blockSize=64k",
-        "--debug",
-    ];
+    let args = server.args(&["--size=4m", "--blockSize=64k", "--debug"]);
     let plain = log_lines(&[], &args, BUCKET);
     assert_eq!(count(&plain, "HTTP request"), 0, "{plain:?}");
 
-    let http = log_lines(&[], &[&args[..], &["--debug-http"]].concat(), BUCKET);
+    let http = log_lines(&[], &[&args[..], &["--debug-http".into()]].concat(), BUCKET);
     let requests = count(&http, "s3backer: debug: HTTP request: ");
     assert!(requests >= 2, "{http:?}");
     // Every request gets its response line (a retried request has one of each per attempt).
@@ -705,13 +697,13 @@ fn debug_http_logs_each_request_and_response_on_one_line() {
     );
     assert!(http.iter().any(|l| l.contains("HTTP request: PUT ")));
     // The secret is not in any line (signatures are, the key is not).
-    assert_eq!(count(&http, "testsecret"), 0);
+    assert_eq!(count(&http, common::SECRET_KEY), 0);
 
     // RUST_LOG alone raises the level too.
     let no_debug = &args[..args.len() - 1];
     let env = log_lines(
         &["RUST_LOG=s3backer=debug"],
-        &[no_debug, &["--debug-http"]].concat(),
+        &[no_debug, &["--debug-http".into()]].concat(),
         BUCKET,
     );
     assert!(
@@ -720,22 +712,13 @@ fn debug_http_logs_each_request_and_response_on_one_line() {
     );
 }
 
-/// Fails today: without --debug the HTTP lines are filtered out (they are debug events and the
-/// level is info). C prints curl's verbose output with --debug-http alone. Needs the main.rs
-/// change described in the issue 7 note.
+/// Like C (which prints curl's verbose output), --debug-http alone shows the HTTP lines
+/// although they are debug events and the level is otherwise info.
 #[test]
 fn debug_http_alone_shows_the_http_lines() {
     const BUCKET: &str = "logs";
     let server = S3Server::start(&[BUCKET]);
-    let base = format!("--baseURL={}", server.base_url());
-    let args = [
-        base.as_str(),
-        "--accessId=testkey",
-        "--accessKey=testsecret",
-        "--size=4m",
-        "--blockSize=64k",
-        "--debug-http",
-    ];
+    let args = server.args(&["--size=4m", "--blockSize=64k", "--debug-http"]);
     let http = log_lines(&[], &args, BUCKET);
     assert!(
         count(&http, "s3backer: debug: HTTP request: ") >= 2,

@@ -1,9 +1,8 @@
 //! `--erase`: delete every block of the disk, then the mount token (spec 5.2 item 5).
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use parking_lot::Mutex;
 use tracing::info;
 
@@ -67,14 +66,7 @@ fn delete_all(
     blocks: &[BlockId],
     opts: EraseOptions,
 ) -> Result<u64, String> {
-    let bar = ProgressBar::new(blocks.len() as u64);
-    if opts.quiet || !std::io::stderr().is_terminal() {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} blocks, {per_sec}, eta {eta}")
-            .expect("valid template"),
-    );
+    let bar = super::block_progress_bar(blocks.len(), opts.quiet);
     let next = AtomicUsize::new(0);
     let erased = AtomicU64::new(0);
     let first_error = Mutex::new(None);

@@ -2,10 +2,8 @@
 //! way a mount would (body MD5 against the ETag, HMAC, decoding, length). Read-only: it never
 //! writes a block or touches the mount token, so it is safe on a mounted bucket.
 
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use parking_lot::Mutex;
 use tracing::{error, info};
 
@@ -47,14 +45,7 @@ pub fn run(
     let mut blocks = found.into_inner();
     blocks.sort_unstable();
 
-    let bar = ProgressBar::new(blocks.len() as u64);
-    if opts.quiet || !std::io::stderr().is_terminal() {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} blocks, {per_sec}, eta {eta}")
-            .expect("valid template"),
-    );
+    let bar = super::block_progress_bar(blocks.len(), opts.quiet);
     let next = AtomicUsize::new(0);
     let damaged = Mutex::new(Vec::new());
     let failure = Mutex::new(None);

@@ -238,25 +238,8 @@ impl BlockStore for EcProtect {
     }
 
     fn bulk_zero(&self, blocks: &[BlockId]) -> Result<()> {
-        // Each block needs its own write-delay bookkeeping; deletes run in parallel so a large
-        // discard does not wait for one round trip per block.
-        const THREADS: usize = 16;
-        let chunk = blocks.len().div_ceil(THREADS).max(1);
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = blocks
-                .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .try_for_each(|&b| self.write_block(b, Block::Zero).map(|_| ()))
-                    })
-                })
-                .collect();
-            workers.into_iter().try_for_each(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(Error::Other("delete thread panicked".into())))
-            })
-        })
+        // Each block needs its own write-delay bookkeeping: through write_block, in parallel.
+        crate::store::zero_in_parallel(self, blocks, 16)
     }
 
     fn flush(&self) -> Result<()> {

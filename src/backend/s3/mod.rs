@@ -519,27 +519,7 @@ impl BlockStore for S3Backend {
 
     fn bulk_zero(&self, blocks: &[BlockId]) -> Result<()> {
         // Individual DELETEs in parallel (spec 2.8 allows this; the bucket format is the same).
-        const THREADS: usize = 16;
-        let chunk = blocks.len().div_ceil(THREADS).max(1);
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = blocks
-                .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .try_for_each(|&b| self.write_block(b, Block::Zero).map(|_| ()))
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| {
-                    w.join()
-                        .unwrap_or_else(|_| Err(Error::Other("delete thread panicked".into())))
-                })
-                .collect::<Result<Vec<()>>>()
-                .map(|_| ())
-        })
+        crate::store::zero_in_parallel(self, blocks, 16)
     }
 
     fn flush(&self) -> Result<()> {
