@@ -12,3 +12,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The Debian package test needs a release build and cargo-deb: scripts/package.sh runs it.
 cargo nextest run --workspace --locked --no-fail-fast --test-threads 2 --run-ignored all \
     -E 'not test(=debian_package_installs_and_purges_cleanly_in_a_throwaway_root)' "$@"
+# Every cargo-fuzz target for 60 s over its committed corpus (builds in about 4 min cold).
+bash scripts/fuzz.sh --ci
