@@ -2,14 +2,15 @@
 # Installs everything the demo and the tests need on a fresh Debian 12 machine:
 # FUSE, ext4 tools, C s3backer 1.5.4 (compatibility peer), NBD clients, and the
 # s3s-fs S3 test server (built from crates.io into a cache directory), moto (atomic conditional
-# PUTs), fio + python3 for scripts/bench.sh, and systemd-analyze/man-db/dpkg-dev for the ops tests.
+# PUTs), fio + python3 for scripts/bench.sh, systemd-analyze/man-db/dpkg-dev for the ops tests,
+# openssl for the TLS test and g++ for cargo-fuzz (libFuzzer) in scripts/fuzz.sh.
 # (cargo-deb, needed only to build the package, is installed by scripts/package.sh.)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 need_apt=()
 for pkg in fuse3 e2fsprogs s3backer libnbd-bin nbdkit qemu-utils psmisc fio python3 python3-venv \
-    systemd man-db dpkg-dev; do
+    systemd man-db dpkg-dev openssl g++; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

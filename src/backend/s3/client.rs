@@ -7,9 +7,12 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use md5::{Digest as _, Md5};
 use ureq::http::{HeaderMap, Method};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{ConnectProxyConnector, Connector as _, RustlsConnector};
 
 use super::credentials::{self, CredentialStore};
 use super::retry::Backoff;
+use super::transport::QuickAckConnector;
 use super::{AuthVersion, S3Options};
 use crate::error::{Error, Result};
 use crate::stats::{Counter, StatsReport, TimeCounter};
@@ -513,7 +516,7 @@ fn build_agent(opts: &S3Options) -> Result<ureq::Agent> {
     } else {
         opts.max_connections.max(1)
     };
-    Ok(ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         // Redirects are errors (spec 2.9): hand every 3xx back as a response.
         .max_redirects(0)
@@ -522,8 +525,16 @@ fn build_agent(opts: &S3Options) -> Result<ureq::Agent> {
         .max_idle_connections(idle)
         .max_idle_connections_per_host(idle)
         .tls_config(tls.build())
-        .build()
-        .new_agent())
+        .build();
+    let connector =
+        ().chain(ConnectProxyConnector::default())
+            .chain(QuickAckConnector)
+            .chain(RustlsConnector::default());
+    Ok(ureq::Agent::with_parts(
+        config,
+        connector,
+        DefaultResolver::default(),
+    ))
 }
 
 fn validate_base_url(base_url: &str) -> Result<()> {
@@ -850,5 +861,98 @@ mod tests {
             .put_object("k", b"abc", "text/plain", Vec::new())
             .unwrap();
         assert_eq!(hex::encode(etag), SERVER_ETAG);
+    }
+
+    /// `openssl s_server -www` on loopback with a certificate for 127.0.0.1 from a fresh CA
+    /// (`ca.pem` in `dir`); killed on drop.
+    struct TlsServer {
+        child: std::process::Child,
+        dir: tempfile::TempDir,
+        url: String,
+    }
+
+    impl TlsServer {
+        fn start() -> TlsServer {
+            use std::process::{Command, Stdio};
+            let dir = tempfile::tempdir().unwrap();
+            let openssl = |args: &str| {
+                let ok = Command::new("openssl")
+                    .args(args.split(' '))
+                    .current_dir(dir.path())
+                    .stderr(Stdio::null())
+                    .status()
+                    .expect("openssl (Debian package openssl)");
+                assert!(ok.success(), "openssl {args}");
+            };
+            // webpki refuses a CA certificate as the server's own: a CA signs a leaf.
+            std::fs::write(dir.path().join("san"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+            openssl(
+                "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=test-ca -keyout ca.key -out ca.pem",
+            );
+            openssl(
+                "req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr",
+            );
+            openssl(
+                "x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile san -out cert.pem",
+            );
+            let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new("openssl")
+                .args(["s_server", "-www", "-quiet", "-accept"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("-cert")
+                .arg(&cert)
+                .arg("-key")
+                .arg(&key)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "s_server did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            TlsServer {
+                child,
+                dir,
+                url: format!("https://127.0.0.1:{port}/"),
+            }
+        }
+    }
+
+    impl Drop for TlsServer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[test]
+    fn https_works_with_the_given_ca_and_fails_without_it() {
+        let server = TlsServer::start();
+        let mut trusted = opts(&server.url, false, "");
+        trusted.cacert = Some(server.dir.path().join("ca.pem"));
+        let mut reply = build_agent(&trusted)
+            .unwrap()
+            .get(&server.url)
+            .call()
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+        // s_server -www answers with a page describing the TLS session.
+        let page = reply.body_mut().read_to_string().unwrap();
+        assert!(page.contains("Cipher"), "{page}");
+
+        let untrusted = opts(&server.url, false, "");
+        let err = build_agent(&untrusted)
+            .unwrap()
+            .get(&server.url)
+            .call()
+            .unwrap_err();
+        assert!(err.to_string().contains("UnknownIssuer"), "{err}");
     }
 }

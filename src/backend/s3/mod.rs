@@ -7,6 +7,7 @@ mod client;
 mod credentials;
 mod list;
 mod retry;
+mod transport;
 
 use std::path::PathBuf;
 use std::sync::Arc;
