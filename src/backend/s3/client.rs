@@ -9,10 +9,10 @@ use md5::{Digest as _, Md5};
 use ureq::http::{HeaderMap, Method};
 use ureq::unversioned::resolver::DefaultResolver;
 use ureq::unversioned::transport::{ConnectProxyConnector, Connector as _, RustlsConnector};
+use ureq_quickack::QuickAckConnector;
 
 use super::credentials::{self, CredentialStore};
 use super::retry::Backoff;
-use super::transport::QuickAckConnector;
 use super::{AuthVersion, S3Options};
 use crate::error::{Error, Result};
 use crate::stats::{Counter, StatsReport, TimeCounter};

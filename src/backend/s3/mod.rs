@@ -7,7 +7,6 @@ mod client;
 mod credentials;
 mod list;
 mod retry;
-mod transport;
 
 use std::path::PathBuf;
 use std::sync::Arc;

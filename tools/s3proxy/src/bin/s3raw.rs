@@ -41,13 +41,18 @@ fn main() {
     let creds = Credentials::new(args.access_key.clone(), args.secret_key.clone());
     let size = args.object_kib * 1024;
     let count = args.total_mib * 1024 / args.object_kib;
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .http_status_as_error(true)
         .max_idle_connections(args.threads)
         .max_idle_connections_per_host(args.threads)
         .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into();
+        .build();
+    // The same transport as s3backer's, so the raw limit is not held back by delayed ACKs.
+    let agent = ureq::Agent::with_parts(
+        config,
+        ureq_quickack::QuickAckConnector,
+        ureq::unversioned::resolver::DefaultResolver::default(),
+    );
     let shared = Arc::new((bucket, creds, agent));
     let mut payload = vec![0u8; size];
     let mut rng = fastrand::Rng::with_seed(1);
