@@ -97,6 +97,15 @@ pub trait BlockStore: Send + Sync {
         }
     }
 
+    /// Reads a whole block into a buffer of its own, for callers that keep it (the block
+    /// cache): a backend that receives the bytes in a fresh buffer anyway hands that over
+    /// instead of copying it.
+    fn read_block_owned(&self, block: BlockId) -> Result<(ReadInfo, Vec<u8>)> {
+        let mut buf = vec![0u8; self.geometry().block_size_usize()];
+        let info = self.read_block(block, &mut buf)?;
+        Ok((info, buf))
+    }
+
     /// Writes a whole block. Writing `Block::Zero` deletes the stored object.
     fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo>;
 

@@ -2,6 +2,7 @@
 //! threads, and the retry loop of spec 2.9 with its counters.
 
 use std::fmt;
+use std::io::Read as _;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -375,12 +376,17 @@ impl S3Client {
         let body = if request.method == Method::HEAD {
             Vec::new()
         } else {
+            // Sized from Content-Length up front: growing a 1 MiB body step by step copies it.
+            let expected = response.body().content_length().unwrap_or(0);
+            let mut body = Vec::with_capacity(expected.min(request.max_body) as usize);
             response
                 .body_mut()
                 .with_config()
                 .limit(request.max_body)
-                .read_to_vec()
-                .map_err(|e| self.transport_error(request, e))?
+                .reader()
+                .read_to_end(&mut body)
+                .map_err(|e| self.transport_error(request, e.into()))?;
+            body
         };
         Ok(Reply {
             status,
@@ -843,6 +849,7 @@ mod tests {
             "deflate",
             4096,
             Some([7; 16]),
+            true,
         );
         assert!(
             matches!(result, Err(Error::Stale(_))),

@@ -386,26 +386,28 @@ impl Shared {
 
     /// Reads a block the cache does not hold (call without the state lock): from a clean entry
     /// of the cache file, else from below (then kept in the file).
-    fn read_below(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
+    fn read_below(&self, block: BlockId) -> Result<(ReadInfo, Vec<u8>)> {
         let Some(file) = &self.file else {
-            return self.lower.read_block(block, buf);
+            return self.lower.read_block_owned(block);
         };
-        if file.lock().read_clean(block, buf)? {
-            return Ok(ReadInfo {
-                zero: is_zero(buf),
+        let mut buf = vec![0u8; self.block_size()];
+        if file.lock().read_clean(block, &mut buf)? {
+            let info = ReadInfo {
+                zero: is_zero(&buf),
                 etag: None,
-            });
+            };
+            return Ok((info, buf));
         }
         // Not under the file lock: other reads and uploads go on meanwhile. The block is
         // `Reading`, so nothing else puts it in the file.
-        let info = self.lower.read_block(block, buf)?;
+        let (info, buf) = self.lower.read_block_owned(block)?;
         if let (false, Some(etag)) = (info.zero, info.etag)
-            && let Err(e) = file.lock().store_clean(block, etag, buf)
+            && let Err(e) = file.lock().store_clean(block, etag, &buf)
         {
             // The file is only a cache for clean data: go on without it.
             tracing::warn!("block {block}: cannot keep it in the cache file: {e}");
         }
-        Ok(info)
+        Ok((info, buf))
     }
 
     fn block_size(&self) -> usize {
@@ -527,9 +529,8 @@ impl Shared {
         }
         st.used += 1;
         st.entries.insert(block, EntryState::Reading);
-        let mut buf = vec![0u8; self.block_size()];
-        let result = MutexGuard::unlocked(st, || self.read_below(block, &mut buf));
-        self.finish_load(st, block, result.map(|info| (info, buf)))?;
+        let result = MutexGuard::unlocked(st, || self.read_below(block));
+        self.finish_load(st, block, result)?;
         Ok(true)
     }
 
@@ -886,9 +887,8 @@ impl Shared {
                     Some(file) => self.upload_with_file(&mut st, file, block, &data),
                 },
                 Job::Prefetch(block) => {
-                    let mut buf = vec![0u8; self.block_size()];
-                    let result = MutexGuard::unlocked(&mut st, || self.read_below(block, &mut buf));
-                    if let Err(e) = self.finish_load(&mut st, block, result.map(|i| (i, buf))) {
+                    let result = MutexGuard::unlocked(&mut st, || self.read_below(block));
+                    if let Err(e) = self.finish_load(&mut st, block, result) {
                         tracing::debug!("read-ahead of block {block} failed: {e}");
                     }
                 }

@@ -112,6 +112,11 @@ impl Codec {
         }
     }
 
+    /// True when every block must carry a valid HMAC over its whole body (`--encrypt`).
+    pub fn authenticates(&self) -> bool {
+        self.crypto.is_some()
+    }
+
     /// Value of the `Accept-Encoding` header for GETs (spec 2.5).
     pub fn accept_encoding(&self) -> String {
         let mut tokens: Vec<String> = Algorithm::ALL
