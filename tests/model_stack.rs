@@ -27,7 +27,7 @@ const DISK: u64 = BLOCK_SIZE as u64 * NUM_BLOCKS as u64;
 struct CodecStore {
     geometry: Geometry,
     codec: &'static Codec,
-    objects: Mutex<HashMap<u32, EncodedBlock>>,
+    objects: Mutex<HashMap<u32, EncodedBlock<'static>>>,
 }
 
 fn codec() -> &'static Codec {
@@ -62,7 +62,7 @@ impl BlockStore for CodecStore {
         };
         let data = self.codec.decode(
             block,
-            object.body,
+            object.body.into_owned(),
             object.content_encoding.as_deref(),
             object.hmac_header.as_deref(),
             buf.len(),
@@ -78,7 +78,9 @@ impl BlockStore for CodecStore {
                 objects.remove(&block.0);
             }
             Block::Data(bytes) => {
-                objects.insert(block.0, self.codec.encode(block, bytes)?);
+                let encoded = self.codec.encode(block, bytes)?;
+                let body = std::borrow::Cow::Owned(encoded.body.into_owned());
+                objects.insert(block.0, EncodedBlock { body, ..encoded });
             }
         }
         Ok(WriteInfo::default())

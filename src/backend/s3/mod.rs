@@ -520,7 +520,7 @@ impl BlockStore for S3Backend {
         };
         let encoded = self.codec.encode(block, data)?;
         let (body, content_encoding, hmac) = (
-            encoded.body.as_slice(),
+            &*encoded.body,
             encoded.content_encoding,
             encoded.hmac_header,
         );

@@ -4,6 +4,8 @@
 mod compress;
 mod crypto;
 
+use std::borrow::Cow;
+
 use compress::{Algorithm, Compressor};
 use crypto::{BlockCrypto, CIPHER_BLOCK_LEN, format_tag_header, parse_tag_header};
 
@@ -46,10 +48,11 @@ pub struct CodecConfig {
     pub default_content_encoding: Option<String>,
 }
 
-/// An encoded block, ready for PUT.
+/// An encoded block, ready for PUT. Without compression or encryption the body is the block
+/// data itself, borrowed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EncodedBlock {
-    pub body: Vec<u8>,
+pub struct EncodedBlock<'a> {
+    pub body: Cow<'a, [u8]>,
     /// Value of the Content-Encoding header, e.g. `deflate, encrypt-AES-128-CBC`; `None` if raw.
     pub content_encoding: Option<String>,
     /// Value of `x-amz-meta-s3backer-hmac` including the double quotes; `None` unless encrypting.
@@ -128,24 +131,25 @@ impl Codec {
     }
 
     /// Encodes a non-zero block (`data.len() == block_size`).
-    pub fn encode(&self, block: BlockId, data: &[u8]) -> Result<EncodedBlock> {
+    pub fn encode<'a>(&self, block: BlockId, data: &'a [u8]) -> Result<EncodedBlock<'a>> {
         let spare = if self.crypto.is_some() {
             CIPHER_BLOCK_LEN
         } else {
             0
         };
         let mut body = match self.compressor {
-            Some(compressor) => compressor.compress(data, spare)?,
+            Some(compressor) => Cow::Owned(compressor.compress(data, spare)?),
+            None if self.crypto.is_none() => Cow::Borrowed(data),
             None => {
                 let mut body = Vec::with_capacity(data.len() + spare);
                 body.extend_from_slice(data);
-                body
+                Cow::Owned(body)
             }
         };
         let hmac_header = self
             .crypto
             .as_ref()
-            .map(|crypto| format_tag_header(&crypto.encrypt(block, &mut body)));
+            .map(|crypto| format_tag_header(&crypto.encrypt(block, body.to_mut())));
         Ok(EncodedBlock {
             body,
             content_encoding: self.content_encoding.clone(),
@@ -303,7 +307,7 @@ mod tests {
             let decoded = codec
                 .decode(
                     BlockId(1),
-                    encoded.body,
+                    encoded.body.into_owned(),
                     encoded.content_encoding.as_deref(),
                     None,
                     4096,
@@ -369,7 +373,7 @@ mod tests {
     fn decode(codec: &Codec, block: u32, encoded: &EncodedBlock) -> Result<Vec<u8>> {
         codec.decode(
             BlockId(block),
-            encoded.body.clone(),
+            encoded.body.to_vec(),
             encoded.content_encoding.as_deref(),
             encoded.hmac_header.as_deref(),
             BLOCK_SIZE,
@@ -608,7 +612,8 @@ mod tests {
         let body = codec(deflate(), None)
             .encode(BlockId(7), &data)
             .unwrap()
-            .body;
+            .body
+            .into_owned();
         let reader = Codec::new(CodecConfig {
             default_content_encoding: Some("deflate".into()),
             ..CodecConfig::default()
@@ -632,10 +637,9 @@ mod tests {
 
     #[test]
     fn flipped_ciphertext_byte_fails_the_signature() {
-        let mut encoded = encrypted()
-            .encode(BlockId(8), &sample_block(BLOCK_SIZE, 8))
-            .unwrap();
-        encoded.body[3] ^= 0x40;
+        let data = sample_block(BLOCK_SIZE, 8);
+        let mut encoded = encrypted().encode(BlockId(8), &data).unwrap();
+        encoded.body.to_mut()[3] ^= 0x40;
         assert_corrupt(
             decode(encrypted(), 8, &encoded),
             8,
@@ -645,9 +649,8 @@ mod tests {
 
     #[test]
     fn flipped_hmac_fails_the_signature() {
-        let mut encoded = encrypted()
-            .encode(BlockId(9), &sample_block(BLOCK_SIZE, 9))
-            .unwrap();
+        let data = sample_block(BLOCK_SIZE, 9);
+        let mut encoded = encrypted().encode(BlockId(9), &data).unwrap();
         let header = encoded.hmac_header.take().unwrap();
         let flipped = if header.as_bytes()[1] == b'0' {
             "1"
@@ -660,9 +663,8 @@ mod tests {
 
     #[test]
     fn missing_or_malformed_hmac_means_no_signature() {
-        let mut encoded = encrypted()
-            .encode(BlockId(10), &sample_block(BLOCK_SIZE, 10))
-            .unwrap();
+        let data = sample_block(BLOCK_SIZE, 10);
+        let mut encoded = encrypted().encode(BlockId(10), &data).unwrap();
         let header = encoded.hmac_header.take().unwrap();
         assert_corrupt(
             decode(encrypted(), 10, &encoded),
@@ -680,27 +682,25 @@ mod tests {
 
     #[test]
     fn wrong_password_fails_the_signature() {
-        let encoded = encrypted()
-            .encode(BlockId(11), &sample_block(BLOCK_SIZE, 11))
-            .unwrap();
+        let data = sample_block(BLOCK_SIZE, 11);
+        let encoded = encrypted().encode(BlockId(11), &data).unwrap();
         let wrong = codec(deflate(), Some(encryption(Cipher::Aes128Cbc, "passw0rd")));
         assert_corrupt(decode(&wrong, 11, &encoded), 11, "incorrect signature");
     }
 
     #[test]
     fn block_moved_to_another_number_fails_the_signature() {
-        let encoded = encrypted()
-            .encode(BlockId(12), &sample_block(BLOCK_SIZE, 12))
-            .unwrap();
+        let data = sample_block(BLOCK_SIZE, 12);
+        let encoded = encrypted().encode(BlockId(12), &data).unwrap();
         assert_corrupt(decode(encrypted(), 13, &encoded), 13, "incorrect signature");
     }
 
     #[test]
     fn truncated_encrypted_body_fails_the_signature() {
-        let mut encoded = encrypted()
-            .encode(BlockId(14), &sample_block(BLOCK_SIZE, 14))
-            .unwrap();
-        encoded.body.truncate(encoded.body.len() - 16);
+        let data = sample_block(BLOCK_SIZE, 14);
+        let mut encoded = encrypted().encode(BlockId(14), &data).unwrap();
+        let len = encoded.body.len();
+        encoded.body.to_mut().truncate(len - 16);
         assert_corrupt(decode(encrypted(), 14, &encoded), 14, "incorrect signature");
     }
 
@@ -709,7 +709,8 @@ mod tests {
         let data = sample_block(BLOCK_SIZE, 15);
         for writer in [codec(deflate(), None), codec(zstd(), None)] {
             let mut encoded = writer.encode(BlockId(15), &data).unwrap();
-            encoded.body.truncate(encoded.body.len() - 5);
+            let len = encoded.body.len();
+            encoded.body.to_mut().truncate(len - 5);
             let result = decode(plain(), 15, &encoded);
             assert!(
                 matches!(
@@ -727,14 +728,13 @@ mod tests {
 
     #[test]
     fn damaged_deflate_stream_is_corrupt() {
-        let mut encoded = codec(deflate(), None)
-            .encode(BlockId(16), &sample_block(BLOCK_SIZE, 16))
-            .unwrap();
+        let data = sample_block(BLOCK_SIZE, 16);
+        let mut encoded = codec(deflate(), None).encode(BlockId(16), &data).unwrap();
         let last = encoded.body.len() - 1;
-        encoded.body[last] ^= 0xff; // Adler-32 checksum
+        encoded.body.to_mut()[last] ^= 0xff; // Adler-32 checksum
         assert_corrupt(decode(plain(), 16, &encoded), 16, "invalid deflate data");
-        encoded.body[last] ^= 0xff;
-        encoded.body.extend_from_slice(b"junk");
+        encoded.body.to_mut()[last] ^= 0xff;
+        encoded.body.to_mut().extend_from_slice(b"junk");
         assert_corrupt(
             decode(plain(), 16, &encoded),
             16,
@@ -757,9 +757,8 @@ mod tests {
 
     #[test]
     fn encrypted_block_is_rejected_without_encrypt_flag() {
-        let encoded = encrypted()
-            .encode(BlockId(18), &sample_block(BLOCK_SIZE, 18))
-            .unwrap();
+        let data = sample_block(BLOCK_SIZE, 18);
+        let encoded = encrypted().encode(BlockId(18), &data).unwrap();
         assert_corrupt(
             decode(plain(), 18, &encoded),
             18,
@@ -785,9 +784,8 @@ mod tests {
     #[test]
     fn block_encrypted_with_another_cipher_is_rejected() {
         let aes256 = codec(deflate(), Some(encryption(Cipher::Aes256Cbc, "password")));
-        let encoded = aes256
-            .encode(BlockId(20), &sample_block(BLOCK_SIZE, 20))
-            .unwrap();
+        let data = sample_block(BLOCK_SIZE, 20);
+        let encoded = aes256.encode(BlockId(20), &data).unwrap();
         assert_corrupt(
             decode(encrypted(), 20, &encoded),
             20,
@@ -803,9 +801,8 @@ mod tests {
             codec(None, None),
         ] {
             for written_size in [BLOCK_SIZE / 2, BLOCK_SIZE * 2] {
-                let encoded = writer
-                    .encode(BlockId(21), &sample_block(written_size, 21))
-                    .unwrap();
+                let data = sample_block(written_size, 21);
+                let encoded = writer.encode(BlockId(21), &data).unwrap();
                 let result = decode(plain(), 21, &encoded);
                 let expected = if written_size > BLOCK_SIZE
                     && encoded.content_encoding.as_deref() == Some("deflate")
@@ -915,7 +912,7 @@ mod tests {
                     prop_assert!(encoded.body.len() <= max_body_len(data.len()), "mode {}", index);
                     let decoded = codec.decode(
                         BlockId(block),
-                        encoded.body,
+                        encoded.body.into_owned(),
                         encoded.content_encoding.as_deref(),
                         encoded.hmac_header.as_deref(),
                         data.len(),
