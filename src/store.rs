@@ -41,6 +41,16 @@ pub struct ReadInfo {
     pub etag: Option<Etag>,
 }
 
+/// What a read that revalidates a cached copy found (spec 6.6, CLEAN2 entries).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Revalidated {
+    /// The stored object still has the ETag of the cached copy: that copy is current (the
+    /// buffer may hold nothing).
+    Unchanged,
+    /// The block changed (or vanished): the buffer holds what is stored now.
+    Changed(ReadInfo),
+}
+
 /// What a write did.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteInfo {
@@ -95,6 +105,23 @@ pub trait BlockStore: Send + Sync {
             ))),
             _ => Ok(info),
         }
+    }
+
+    /// Reads `block` unless the stored object still has ETag `cached` (the ETag of a copy the
+    /// caller keeps). S3 asks the server (`If-None-Match`, 304 = unchanged); the default reads
+    /// the block and compares the ETag it found.
+    fn read_block_if_changed(
+        &self,
+        block: BlockId,
+        buf: &mut [u8],
+        cached: Etag,
+    ) -> Result<Revalidated> {
+        let info = self.read_block(block, buf)?;
+        Ok(if info.etag == Some(cached) {
+            Revalidated::Unchanged
+        } else {
+            Revalidated::Changed(info)
+        })
     }
 
     /// Reads a whole block into a buffer of its own, for callers that keep it (the block

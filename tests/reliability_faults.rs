@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::S3Server;
 use common::mount::{
     FuseMount, LoopMount, assert_fsck_clean, is_mounted, mkfs_ext4, ours, pseudo_random,
-    read_prefix, verify_tree, write_and_fsync, write_tree,
+    read_prefix, stat, verify_tree, write_and_fsync, write_tree,
 };
 use common::nbd::{NbdFuse, NbdServer};
 use s3proxy::{Fault, Proxy, ProxyConfig, Rule, Stats};
@@ -54,17 +54,6 @@ fn transient_faults() -> Vec<Rule> {
         Rule::new(Fault::Truncate).method("GET").probability(0.04),
         Rule::new(Fault::Corrupt).method("GET").probability(0.04),
     ]
-}
-
-/// A counter of the FUSE stats file.
-fn stat(stats: &str, name: &str) -> u64 {
-    stats
-        .lines()
-        .find_map(|l| {
-            let mut words = l.split_whitespace();
-            (words.next() == Some(name)).then(|| words.next().unwrap().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no {name} in stats:\n{stats}"))
 }
 
 fn injected(stats: &Stats) -> String {

@@ -9,9 +9,16 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::S3Server;
-use common::mount::{FuseMount, ours, run};
+use common::moto::Moto;
+use common::mount::{FuseMount, ours};
 
 const BUCKET: &str = "mounts";
+const MOTO_ARGS: &[&str] = &[
+    "--timeout=5",
+    "--maxRetryPause=500",
+    "--size=1m",
+    "--blockSize=64k",
+];
 
 fn args(server: &S3Server, extra: &[&str]) -> Vec<String> {
     // Later flags win: these shorten the fixture's retry times.
@@ -35,83 +42,16 @@ fn stored(server: &S3Server) -> Vec<String> {
     names
 }
 
-/// moto's server (installed by scripts/install-deps.sh): unlike s3s-fs, which checks
-/// `If-None-Match` before it writes the body, it applies conditional PUTs atomically. It does
-/// not check signatures, so this fixture is only for the mount-token race.
-struct Moto {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let root = std::path::Path::new(&std::env::var_os("HOME").unwrap())
-            .join(".cache/s3backer-rs/moto/bin");
-        assert!(
-            root.join("moto_server").exists(),
-            "moto is missing: run scripts/install-deps.sh"
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let child = Command::new(root.join("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let moto = Moto { child, port };
-        let create = format!(
-            "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', \
-             aws_access_key_id='testkey', aws_secret_access_key='testsecret', \
-             region_name='us-east-1').create_bucket(Bucket='{BUCKET}')"
-        );
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                run(Command::new(root.join("python3")).args(["-c", &create]));
-                return moto;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("moto_server did not start on port {port}");
-    }
-
-    fn args(&self) -> Vec<String> {
-        let mut args = vec![format!("--baseURL=http://127.0.0.1:{}/", self.port)];
-        args.extend(
-            [
-                "--accessId=testkey",
-                "--accessKey=testsecret",
-                "--timeout=5",
-                "--maxRetryPause=500",
-                "--size=1m",
-                "--blockSize=64k",
-            ]
-            .map(String::from),
-        );
-        args
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn of_two_mounts_started_at_the_same_moment_exactly_one_wins() {
     const ROUNDS: usize = 5;
     let mut by_condition = 0;
     for round in 0..ROUNDS {
-        let server = Moto::start();
+        let server = Moto::start(BUCKET);
         let barrier = Arc::new(Barrier::new(2));
         let racers: Vec<_> = (0..2)
             .map(|_| {
-                let (barrier, args) = (barrier.clone(), server.args());
+                let (barrier, args) = (barrier.clone(), server.args(MOTO_ARGS));
                 std::thread::spawn(move || {
                     barrier.wait();
                     FuseMount::try_start(&ours(), &args, BUCKET)

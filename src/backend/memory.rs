@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use crate::error::{Error, Result};
 use crate::geometry::{BlockId, Geometry};
 use crate::stats::{Counter, StatsReport};
-use crate::store::{Block, BlockStore, ReadInfo, SizeMeta, Volume, WriteInfo};
+use crate::store::{Block, BlockStore, Etag, ReadInfo, Revalidated, SizeMeta, Volume, WriteInfo};
 
 #[derive(Default)]
 struct State {
@@ -23,6 +23,8 @@ pub struct MemoryBackend {
     latency: Duration,
     state: Mutex<State>,
     pub reads: Counter,
+    /// Conditional reads that found the caller's copy current (S3's 304: no data moved).
+    pub unchanged_reads: Counter,
     pub writes: Counter,
     pub deletes: Counter,
 }
@@ -39,6 +41,7 @@ impl MemoryBackend {
             latency,
             state: Mutex::new(State::default()),
             reads: Counter::default(),
+            unchanged_reads: Counter::default(),
             writes: Counter::default(),
             deletes: Counter::default(),
         }
@@ -101,6 +104,21 @@ impl BlockStore for MemoryBackend {
                 })
             }
         }
+    }
+
+    fn read_block_if_changed(
+        &self,
+        block: BlockId,
+        buf: &mut [u8],
+        cached: Etag,
+    ) -> Result<Revalidated> {
+        self.enter(block)?;
+        let current = self.state.lock().blocks.get(&block.0).map(|d| md5_of(d));
+        if current == Some(cached) {
+            self.unchanged_reads.inc();
+            return Ok(Revalidated::Unchanged);
+        }
+        self.read_block(block, buf).map(Revalidated::Changed)
     }
 
     fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo> {

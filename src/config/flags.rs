@@ -240,7 +240,8 @@ pub(crate) struct Flags {
     /// Persistent cache file [default: none]
     #[arg(long = "blockCacheFile", value_name = "FILE", help_heading = CACHE)]
     pub block_cache_file: Option<PathBuf>,
-    /// Trust blocks in the cache file without checking them against S3
+    /// Trust blocks in the cache file without checking them against S3 (by default each is
+    /// checked by ETag, If-None-Match, the first time it is read after a mount)
     #[arg(long = "blockCacheNoVerify", help_heading = CACHE)]
     pub block_cache_no_verify: bool,
     /// Upload dirty blocks found in the cache file after an unclean shutdown

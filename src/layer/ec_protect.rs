@@ -16,7 +16,7 @@ use crate::backend::s3::Backoff;
 use crate::error::{Error, Result};
 use crate::geometry::{BlockId, Geometry};
 use crate::stats::{Counter, StatsReport, TimeCounter};
-use crate::store::{Block, BlockStore, Etag, ReadInfo, WriteInfo};
+use crate::store::{Block, BlockStore, Etag, ReadInfo, Revalidated, WriteInfo};
 
 /// Settings of the layer (`--md5CacheSize`, `--md5CacheTime`, `--minWriteDelay`).
 #[derive(Clone, Debug)]
@@ -222,6 +222,22 @@ impl BlockStore for EcProtect {
                 },
                 other => return other,
             }
+        }
+    }
+
+    fn read_block_if_changed(
+        &self,
+        block: BlockId,
+        buf: &mut [u8],
+        cached: Etag,
+    ) -> Result<Revalidated> {
+        match self.known(block) {
+            // We wrote that very version: no need to ask a store that may lag behind.
+            Some(Known::Etag(etag)) if etag == cached => Ok(Revalidated::Unchanged),
+            Some(Known::Etag(_) | Known::Zero) => {
+                self.read_block(block, buf).map(Revalidated::Changed)
+            }
+            Some(Known::Unknown) | None => self.inner.read_block_if_changed(block, buf, cached),
         }
     }
 

@@ -391,3 +391,14 @@ pub fn read_prefix(path: &Path, len: usize) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     back
 }
+
+/// A counter of the FUSE stats file's text.
+pub fn stat(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {name} in stats:\n{stats}"))
+}

@@ -82,6 +82,8 @@ pub(crate) struct HttpStats {
     pub stale: Counter,
     pub redirect: Counter,
     pub mismatch: Counter,
+    /// GETs that found the cached copy current (304, or the same ETag).
+    pub verified: Counter,
     pub status_5xx: Counter,
     pub status_4xx: Counter,
     pub status_3xx: Counter,
@@ -115,7 +117,7 @@ impl HttpStats {
         r.add("http_forbidden", self.forbidden.get());
         r.add("http_stale", self.stale.get());
         r.add("http_redirect", self.redirect.get());
-        r.add("http_verified", 0);
+        r.add("http_verified", self.verified.get());
         r.add("http_mismatch", self.mismatch.get());
         r.add("http_5xx_error", self.status_5xx.get());
         r.add("http_4xx_error", self.status_4xx.get());
@@ -144,6 +146,7 @@ impl HttpStats {
             &self.stale,
             &self.redirect,
             &self.mismatch,
+            &self.verified,
             &self.status_5xx,
             &self.status_4xx,
             &self.status_3xx,
@@ -848,7 +851,7 @@ mod tests {
             crate::geometry::BlockId(0),
             "deflate",
             4096,
-            Some([7; 16]),
+            super::super::Condition::IfMatch([7; 16]),
             true,
         );
         assert!(
@@ -858,6 +861,56 @@ mod tests {
         );
         assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(client.stats.stale.get(), 1);
+    }
+
+    #[test]
+    fn if_none_match_get_is_unchanged_on_304_or_on_the_same_etag() {
+        use super::super::{Condition, Got};
+        let get = |url: &str, cached: [u8; 16]| {
+            let client = fast_retry_client(url);
+            let got = client
+                .get_object(
+                    "k",
+                    crate::geometry::BlockId(0),
+                    "deflate",
+                    4096,
+                    Condition::IfNoneMatch(cached),
+                    false,
+                )
+                .unwrap();
+            (got, client.stats.verified.get())
+        };
+        let (not_modified, hits) = fixed_status_server(304);
+        let (got, verified) = get(&not_modified, [7; 16]);
+        assert!(matches!(got, Got::Unchanged));
+        assert_eq!(
+            (verified, hits.load(std::sync::atomic::Ordering::SeqCst)),
+            (1, 1)
+        );
+        // A server that ignores If-None-Match (s3s-fs) answers 200: its ETag decides.
+        let (ok, _) = fixed_status_server(200);
+        let same: [u8; 16] = hex::decode(SERVER_ETAG).unwrap().try_into().unwrap();
+        let (got, verified) = get(&ok, same);
+        assert!(matches!(got, Got::Unchanged));
+        assert_eq!(verified, 1);
+        let (got, verified) = get(&ok, [7; 16]);
+        assert!(matches!(got, Got::Object(_)));
+        assert_eq!(verified, 0);
+        // 304 to a GET that asked for no condition is an error, not an empty block.
+        let client = fast_retry_client(&not_modified);
+        let result = client.get_object(
+            "k",
+            crate::geometry::BlockId(0),
+            "deflate",
+            4096,
+            Condition::None,
+            false,
+        );
+        assert!(
+            matches!(result, Err(Error::Other(_))),
+            "{:?}",
+            result.map(|_| ())
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::geometry::{BlockId, Geometry};
 use crate::layer::codec::Codec;
 use crate::naming::Naming;
 use crate::stats::{Counter, StatsReport};
-use crate::store::{Block, BlockStore, Etag, ReadInfo, SizeMeta, Volume, WriteInfo};
+use crate::store::{Block, BlockStore, Etag, ReadInfo, Revalidated, SizeMeta, Volume, WriteInfo};
 use client::{Reply, Request};
 
 pub const BLOCK_CONTENT_TYPE: &str = "application/x-s3backer-block";
@@ -140,31 +140,71 @@ fn max_body(block_size: usize) -> u64 {
     b + b / 4096 + b / 16384 + b / 33_554_432 + 13 + 16
 }
 
+/// A block GET's outcome, decoded.
+enum Fetch {
+    Unchanged,
+    /// The block's bytes; `None` when it is absent (zeros).
+    Read(ReadInfo, Option<Vec<u8>>),
+}
+
+fn copy_or_zero(buf: &mut [u8], data: Option<Vec<u8>>) {
+    match data {
+        Some(data) => buf.copy_from_slice(&data),
+        None => buf.fill(0),
+    }
+}
+
+/// What a GET asks of the stored version.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Condition {
+    None,
+    /// Only this version (ec_protect): any other is `Error::Stale`.
+    IfMatch(Etag),
+    /// Not this version (a cached copy's): finding it is `Got::Unchanged`.
+    IfNoneMatch(Etag),
+}
+
+/// What a GET found.
+pub enum Got {
+    Absent,
+    /// Only for `Condition::IfNoneMatch`: the object still has the caller's ETag.
+    Unchanged,
+    Object(Fetched),
+}
+
 impl S3Client {
-    /// GET of an object; `None` when absent. With `check_md5`, a plain-MD5 ETag that does not
-    /// match the body is retried, then reported as `Corrupt`. With `if_match`, any other version
-    /// (412, a server that ignores `If-Match` and answers another ETag, or no object) is `Stale`.
+    /// GET of an object. With `check_md5`, a plain-MD5 ETag that does not match the body is
+    /// retried, then reported as `Corrupt`. With `IfMatch`, any other version (412, a server
+    /// that ignores `If-Match` and answers another ETag, or no object) is `Stale`. With
+    /// `IfNoneMatch`, a 304, or a server that ignores the header and answers the same ETag, is
+    /// `Unchanged`.
     pub fn get_object(
         &self,
         key: &str,
         block: BlockId,
         accept_encoding: &str,
         max_body: u64,
-        if_match: Option<Etag>,
+        condition: Condition,
         check_md5: bool,
-    ) -> Result<Option<Fetched>> {
+    ) -> Result<Got> {
         let mut request = Request::new(Method::GET, Some(key));
         request.headers = vec![("accept-encoding", accept_encoding.to_string())];
-        if let Some(etag) = if_match {
-            request
+        match condition {
+            Condition::None => {}
+            Condition::IfMatch(etag) => {
+                request
+                    .headers
+                    .push(("if-match", format!("\"{}\"", hex::encode(etag))));
+                // The caller (ec_protect) decides how long to wait for the new version.
+                request.final_statuses = &[412];
+            }
+            Condition::IfNoneMatch(etag) => request
                 .headers
-                .push(("if-match", format!("\"{}\"", hex::encode(etag))));
-            // The caller (ec_protect) decides how long to wait for the new version.
-            request.final_statuses = &[412];
+                .push(("if-none-match", format!("\"{}\"", hex::encode(etag)))),
         }
         request.max_body = max_body;
         let check_md5 = |reply: &Reply| match reply.header("etag") {
-            Some(etag) if check_md5 && is_plain_md5_etag(etag) => {
+            Some(etag) if check_md5 && reply.status != 304 && is_plain_md5_etag(etag) => {
                 let actual = hex::encode(Md5::digest(&reply.body));
                 if etag.trim().trim_matches('"').eq_ignore_ascii_case(&actual) {
                     Ok(())
@@ -179,14 +219,13 @@ impl S3Client {
             _ => Ok(()),
         };
         let reply = self.execute(&request, &check_md5)?;
-        if let Some(expected) = if_match {
-            let found = match reply.status {
-                412 => Some("another version".to_string()),
-                404 => Some("no object".to_string()),
-                _ => match reply.header("etag").and_then(parse_quoted_hex::<16>) {
-                    Some(etag) if etag != expected => Some(format!("ETag {}", hex::encode(etag))),
-                    _ => None,
-                },
+        let etag = reply.header("etag").and_then(parse_quoted_hex::<16>);
+        if let Condition::IfMatch(expected) = condition {
+            let found = match (reply.status, etag) {
+                (412, _) => Some("another version".to_string()),
+                (404, _) => Some("no object".to_string()),
+                (_, Some(etag)) if etag != expected => Some(format!("ETag {}", hex::encode(etag))),
+                _ => None,
             };
             if let Some(found) = found {
                 self.stats.stale.inc();
@@ -196,8 +235,20 @@ impl S3Client {
                 )));
             }
         }
-        if reply.status == 404 {
-            return Ok(None);
+        if let Condition::IfNoneMatch(cached) = condition
+            && (reply.status == 304 || (reply.status == 200 && etag == Some(cached)))
+        {
+            self.stats.verified.inc();
+            return Ok(Got::Unchanged);
+        }
+        match reply.status {
+            404 => return Ok(Got::Absent),
+            304 => {
+                return Err(Error::Other(format!(
+                    "GET {key}: HTTP 304 (not modified) to a request that was not conditional"
+                )));
+            }
+            _ => {}
         }
         let content_encoding = reply.header("content-encoding").map(|v| {
             v.split(|c: char| c == ',' || c.is_whitespace())
@@ -205,8 +256,8 @@ impl S3Client {
                 .collect::<Vec<_>>()
                 .join(",")
         });
-        Ok(Some(Fetched {
-            etag: reply.header("etag").and_then(parse_quoted_hex::<16>),
+        Ok(Got::Object(Fetched {
+            etag,
             hmac_header: reply.header(HMAC_HEADER).map(str::to_string),
             content_encoding: content_encoding.filter(|s| !s.is_empty()),
             body: reply.body,
@@ -420,8 +471,9 @@ impl S3Backend {
         }
     }
 
-    /// GETs and decodes a block: its bytes, or `None` when it is absent (zeros).
-    fn fetch(&self, block: BlockId, if_match: Option<Etag>) -> Result<(ReadInfo, Option<Vec<u8>>)> {
+    /// GETs and decodes a block: its bytes (`None` when it is absent: zeros), or `Unchanged`
+    /// (only for `Condition::IfNoneMatch`).
+    fn fetch(&self, block: BlockId, condition: Condition) -> Result<Fetch> {
         self.check_block(block)?;
         let block_size = self.geometry.block_size_usize();
         let key = self.client.opts.naming.block_key(block);
@@ -429,21 +481,25 @@ impl S3Backend {
         // An encrypted block's HMAC covers the whole body, so its MD5 would add nothing but
         // about 1.7 CPU seconds per GiB.
         let check_md5 = !self.codec.authenticates();
-        let Some(fetched) = self.client.get_object(
+        let got = self.client.get_object(
             &key,
             block,
             &accept,
             max_body(block_size),
-            if_match,
+            condition,
             check_md5,
-        )?
-        else {
-            self.stats.zero_read.inc();
-            let info = ReadInfo {
-                zero: true,
-                etag: None,
-            };
-            return Ok((info, None));
+        )?;
+        let fetched = match got {
+            Got::Unchanged => return Ok(Fetch::Unchanged),
+            Got::Absent => {
+                self.stats.zero_read.inc();
+                let info = ReadInfo {
+                    zero: true,
+                    etag: None,
+                };
+                return Ok(Fetch::Read(info, None));
+            }
+            Got::Object(fetched) => fetched,
         };
         let data = self.codec.decode(
             block,
@@ -466,15 +522,26 @@ impl S3Backend {
             zero: false,
             etag: fetched.etag,
         };
-        Ok((info, Some(data)))
+        Ok(Fetch::Read(info, Some(data)))
     }
 
-    fn read(&self, block: BlockId, buf: &mut [u8], if_match: Option<Etag>) -> Result<ReadInfo> {
-        let (info, data) = self.fetch(block, if_match)?;
-        match data {
-            Some(data) => buf.copy_from_slice(&data),
-            None => buf.fill(0),
+    /// `fetch` for a condition that cannot answer `Unchanged`.
+    fn fetch_current(
+        &self,
+        block: BlockId,
+        condition: Condition,
+    ) -> Result<(ReadInfo, Option<Vec<u8>>)> {
+        match self.fetch(block, condition)? {
+            Fetch::Read(info, data) => Ok((info, data)),
+            Fetch::Unchanged => Err(Error::Other(format!(
+                "block {block}: GET answered \"unchanged\" to a request that was not conditional"
+            ))),
         }
+    }
+
+    fn read(&self, block: BlockId, buf: &mut [u8], condition: Condition) -> Result<ReadInfo> {
+        let (info, data) = self.fetch_current(block, condition)?;
+        copy_or_zero(buf, data);
         Ok(info)
     }
 
@@ -493,17 +560,32 @@ impl BlockStore for S3Backend {
     }
 
     fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
-        self.read(block, buf, None)
+        self.read(block, buf, Condition::None)
     }
 
     fn read_block_owned(&self, block: BlockId) -> Result<(ReadInfo, Vec<u8>)> {
-        let (info, data) = self.fetch(block, None)?;
+        let (info, data) = self.fetch_current(block, Condition::None)?;
         let data = data.unwrap_or_else(|| vec![0u8; self.geometry.block_size_usize()]);
         Ok((info, data))
     }
 
     fn read_block_expect(&self, block: BlockId, buf: &mut [u8], expect: Etag) -> Result<ReadInfo> {
-        self.read(block, buf, Some(expect))
+        self.read(block, buf, Condition::IfMatch(expect))
+    }
+
+    fn read_block_if_changed(
+        &self,
+        block: BlockId,
+        buf: &mut [u8],
+        cached: Etag,
+    ) -> Result<Revalidated> {
+        Ok(match self.fetch(block, Condition::IfNoneMatch(cached))? {
+            Fetch::Unchanged => Revalidated::Unchanged,
+            Fetch::Read(info, data) => {
+                copy_or_zero(buf, data);
+                Revalidated::Changed(info)
+            }
+        })
     }
 
     fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo> {

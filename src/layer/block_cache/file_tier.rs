@@ -25,7 +25,8 @@ use crate::store::{Etag, is_zero};
 #[derive(Clone, Debug)]
 pub struct CacheFileOptions {
     pub path: PathBuf,
-    /// Trust clean entries found at startup without checking them against the store.
+    /// Trust clean entries found at startup; otherwise each is checked against the store
+    /// (by ETag, `If-None-Match`) the first time it is read.
     pub no_verify: bool,
     /// Upload the dirty entries found at startup (else they are discarded, loudly).
     pub recover_dirty: bool,
@@ -42,6 +43,38 @@ pub(super) type Recovered = Vec<(BlockId, Vec<u8>)>;
 struct Slot {
     index: u32,
     dirty: bool,
+    /// A clean entry found at startup, not yet checked against the store: the ETag the store
+    /// must still have for it to be served (C's CLEAN2 state).
+    unverified: Option<Etag>,
+}
+
+impl Slot {
+    fn dirty(index: u32) -> Slot {
+        Slot {
+            index,
+            dirty: true,
+            unverified: None,
+        }
+    }
+
+    fn clean(index: u32) -> Slot {
+        Slot {
+            index,
+            dirty: false,
+            unverified: None,
+        }
+    }
+}
+
+/// What the file has for a block that the cache must read.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum CleanRead {
+    /// No clean entry.
+    Absent,
+    /// A trusted clean entry, read into the buffer.
+    Served,
+    /// A clean entry to check first: the store must still have this ETag.
+    Unverified(Etag),
 }
 
 pub(super) struct FileTier {
@@ -53,9 +86,6 @@ pub(super) struct Tier {
     slots: HashMap<BlockId, Slot>,
     free: Vec<u32>,
     block_size: usize,
-    /// Keep blocks read from the store as clean entries. Only worth their syncs when the next
-    /// start trusts them (`no_verify`); otherwise it drops them anyway.
-    keep_clean: bool,
     /// What each dirty entry written by this process holds (`None` = zeros), so a flush skips
     /// blocks unchanged since the last one. Holding the buffer also keeps writers from
     /// changing it in place.
@@ -76,52 +106,44 @@ impl FileTier {
             slots: HashMap::new(),
             free: Vec::new(),
             block_size: block_size as usize,
-            keep_clean: opts.no_verify,
             persisted: HashMap::new(),
         };
         let mut recovered = Vec::new();
         let mut discard = Vec::new();
-        let (mut discarded_dirty, mut discarded_clean) = (0usize, 0usize);
+        let mut unverified = 0usize;
         for (index, entry) in entries {
-            let keep = if entry.dirty {
-                opts.recover_dirty
-            } else {
-                opts.no_verify
-            };
-            if !keep {
+            if entry.dirty && !opts.recover_dirty {
                 discard.push(index);
-                if entry.dirty {
-                    discarded_dirty += 1;
-                } else {
-                    discarded_clean += 1;
-                }
                 continue;
             }
-            if entry.dirty {
+            let slot = if entry.dirty {
                 let mut buf = vec![0u8; tier.block_size];
                 tier.file.read_slot(index, &mut buf)?;
                 recovered.push((entry.block, buf));
-            }
-            tier.slots.insert(
-                entry.block,
+                Slot::dirty(index)
+            } else if opts.no_verify {
+                Slot::clean(index)
+            } else {
+                unverified += 1;
                 Slot {
-                    index,
-                    dirty: entry.dirty,
-                },
-            );
+                    unverified: Some(entry.etag),
+                    ..Slot::clean(index)
+                }
+            };
+            tier.slots.insert(entry.block, slot);
         }
         let path = opts.path.display();
-        if discarded_dirty > 0 {
+        if !discard.is_empty() {
             tracing::error!(
-                "cache file \"{path}\": DISCARDING {discarded_dirty} dirty blocks that were never \
-                 uploaded (use --blockCacheRecoverDirtyBlocks to upload them instead)"
+                "cache file \"{path}\": DISCARDING {} dirty blocks that were never uploaded (use \
+                 --blockCacheRecoverDirtyBlocks to upload them instead)",
+                discard.len()
             );
         }
-        if discarded_clean > 0 {
-            // Checking entries by ETag is not implemented: only trust them when told to.
-            tracing::warn!(
-                "cache file \"{path}\": dropping {discarded_clean} clean entries that cannot be \
-                 verified (use --blockCacheNoVerify to keep them)"
+        if unverified > 0 {
+            tracing::info!(
+                "cache file \"{path}\": {unverified} cached blocks, each checked against the \
+                 bucket when first read"
             );
         }
         if !discard.is_empty() {
@@ -154,20 +176,63 @@ impl FileTier {
 }
 
 impl Tier {
-    /// Serves `block` from a clean entry; false when there is none.
-    pub(super) fn read_clean(&self, block: BlockId, buf: &mut [u8]) -> Result<bool> {
+    /// Serves `block` from a trusted clean entry, or names the ETag to check first.
+    pub(super) fn read_clean(&self, block: BlockId, buf: &mut [u8]) -> Result<CleanRead> {
         match self.slots.get(&block) {
-            Some(slot) if !slot.dirty => {
+            Some(slot) if slot.dirty => Ok(CleanRead::Absent),
+            Some(Slot {
+                unverified: Some(etag),
+                ..
+            }) => Ok(CleanRead::Unverified(*etag)),
+            Some(slot) => {
                 self.file.read_slot(slot.index, buf)?;
+                Ok(CleanRead::Served)
+            }
+            None => Ok(CleanRead::Absent),
+        }
+    }
+
+    /// The store still has `etag` for `block`: its unverified entry is trusted from now on and
+    /// read into `buf`. False when that entry is gone (its slot was reused meanwhile).
+    pub(super) fn confirm_clean(
+        &mut self,
+        block: BlockId,
+        etag: Etag,
+        buf: &mut [u8],
+    ) -> Result<bool> {
+        match self.slots.get_mut(&block) {
+            Some(slot) if !slot.dirty && slot.unverified == Some(etag) => {
+                slot.unverified = None;
+                let index = slot.index;
+                self.file.read_slot(index, buf)?;
                 Ok(true)
             }
             _ => Ok(false),
         }
     }
 
+    /// The store no longer has what the clean entry of `block` holds: keep `data` (stored as
+    /// `etag`; `None` when unknown) instead.
+    pub(super) fn replace_clean(
+        &mut self,
+        block: BlockId,
+        etag: Option<Etag>,
+        data: &[u8],
+    ) -> Result<()> {
+        if let Some(&slot) = self.slots.get(&block)
+            && !slot.dirty
+        {
+            self.release(block, slot.index)?;
+        }
+        match etag {
+            Some(etag) => self.store_clean(block, etag, data),
+            None => Ok(()),
+        }
+    }
+
     /// Keeps a block just read from the store (which has it as `etag`) as a clean entry.
     pub(super) fn store_clean(&mut self, block: BlockId, etag: Etag, data: &[u8]) -> Result<()> {
-        if !self.keep_clean || self.slots.contains_key(&block) || is_zero(data) {
+        if self.slots.contains_key(&block) || is_zero(data) {
             return Ok(());
         }
         let Some(index) = self.take_slots(1, &[], false)?.pop() else {
@@ -179,13 +244,7 @@ impl Tier {
             dirty: false,
         };
         self.file.store(index, entry, data)?;
-        self.slots.insert(
-            block,
-            Slot {
-                index,
-                dirty: false,
-            },
-        );
+        self.slots.insert(block, Slot::clean(index));
         Ok(())
     }
 
@@ -214,8 +273,7 @@ impl Tier {
             return Ok(());
         };
         let persisted = self.persisted.get(&block).and_then(Option::as_ref);
-        if self.keep_clean
-            && let (Some((bytes, etag)), Some(persisted)) = (uploaded, persisted)
+        if let (Some((bytes, etag)), Some(persisted)) = (uploaded, persisted)
             && Arc::ptr_eq(bytes, persisted)
         {
             let entry = DirEntry {
@@ -224,13 +282,7 @@ impl Tier {
                 dirty: false,
             };
             self.file.write_entry(slot.index, Some(entry))?;
-            self.slots.insert(
-                block,
-                Slot {
-                    index: slot.index,
-                    dirty: false,
-                },
-            );
+            self.slots.insert(block, Slot::clean(slot.index));
             self.persisted.remove(&block);
             return Ok(());
         }
@@ -294,7 +346,7 @@ impl Tier {
             };
             self.file.write_entry(index, Some(entry))?;
             // Copy-on-write: the older dirty version goes only once the new one is written.
-            if let Some(old) = self.slots.insert(block, Slot { index, dirty: true }) {
+            if let Some(old) = self.slots.insert(block, Slot::dirty(index)) {
                 self.file.write_entry(old.index, None)?;
                 self.free.push(old.index);
             }
@@ -511,11 +563,57 @@ mod tests {
         assert_eq!(store.reads.get(), reads, "served from the cache file");
         second.shutdown().unwrap();
         drop(second);
-        // Without --blockCacheNoVerify they cannot be trusted: read from the store again.
+    }
+
+    #[test]
+    fn clean_entries_are_checked_by_etag_once_then_served_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let store = Arc::new(MemoryBackend::new(geometry(BS)));
+        for i in 0..4u32 {
+            store
+                .write_block(BlockId(i), Block::Data(&block_of(0x40 + i as u8)))
+                .unwrap();
+        }
+        let first = open_cache(&store, file_opts(&path)).unwrap();
+        let mut buf = vec![0u8; BS];
+        for i in 0..4u32 {
+            first.read_block(BlockId(i), &mut buf).unwrap();
+        }
+        first.shutdown().unwrap();
+        drop(first);
+        // Between mounts, another writer changes block 2 and deletes block 3.
+        store
+            .write_block(BlockId(2), Block::Data(&block_of(0x77)))
+            .unwrap();
+        store.write_block(BlockId(3), Block::Zero).unwrap();
+
+        let reads = store.reads.get();
+        let second = open_cache(&store, file_opts(&path)).unwrap();
+        let expected = [block_of(0x40), block_of(0x41), block_of(0x77), vec![0; BS]];
+        for (i, want) in expected.iter().enumerate() {
+            second.read_block(BlockId(i as u32), &mut buf).unwrap();
+            assert_eq!(&buf, want, "block {i}");
+        }
+        assert_eq!(store.unchanged_reads.get(), 2, "blocks 0 and 1 confirmed");
+        assert_eq!(
+            store.reads.get(),
+            reads + 2,
+            "only the changed blocks moved data"
+        );
+        let report = crate::stats::report_of(second.as_ref());
+        assert_eq!(report.get("block_cache_verified"), Some("2"));
+        assert_eq!(report.get("block_cache_mismatch"), Some("2"));
+        second.shutdown().unwrap();
+        drop(second);
+
+        // A third mount checks again (the check is not remembered across mounts), and the
+        // changed block 2 now has an entry of its new contents.
         let third = open_cache(&store, file_opts(&path)).unwrap();
-        third.read_block(BlockId(0), &mut buf).unwrap();
-        assert_eq!(buf, block_of(0x40));
-        assert_eq!(store.reads.get(), reads + 1);
+        third.read_block(BlockId(2), &mut buf).unwrap();
+        assert_eq!(buf, block_of(0x77));
+        assert_eq!(store.unchanged_reads.get(), 3);
+        assert_eq!(store.reads.get(), reads + 2);
         third.shutdown().unwrap();
     }
 

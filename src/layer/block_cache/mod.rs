@@ -29,10 +29,10 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use crate::error::{Error, Result};
 use crate::geometry::{BlockId, Geometry};
 use crate::stats::{Counter, StatsReport};
-use crate::store::{Block, BlockStore, ReadInfo, WriteInfo, is_zero};
+use crate::store::{Block, BlockStore, ReadInfo, Revalidated, WriteInfo, is_zero};
 
 pub use file_tier::CacheFileOptions;
-use file_tier::FileTier;
+use file_tier::{CleanRead, FileTier};
 
 pub mod cache_file;
 mod file_tier;
@@ -255,6 +255,9 @@ struct CacheStats {
     read_misses: Counter,
     write_hits: Counter,
     write_misses: Counter,
+    /// Cache-file entries from an earlier mount that the store confirmed, or had changed.
+    verified: Counter,
+    mismatch: Counter,
 }
 
 /// What a worker does next.
@@ -391,12 +394,37 @@ impl Shared {
             return self.lower.read_block_owned(block);
         };
         let mut buf = vec![0u8; self.block_size()];
-        if file.lock().read_clean(block, &mut buf)? {
+        let served = |buf: Vec<u8>| {
             let info = ReadInfo {
                 zero: is_zero(&buf),
                 etag: None,
             };
-            return Ok((info, buf));
+            Ok((info, buf))
+        };
+        // Bound first: a guard in the match would be held through its arms.
+        let found = file.lock().read_clean(block, &mut buf)?;
+        match found {
+            CleanRead::Served => return served(buf),
+            CleanRead::Absent => {}
+            // Checked without the file lock, like any read from below.
+            CleanRead::Unverified(etag) => {
+                match self.lower.read_block_if_changed(block, &mut buf, etag)? {
+                    Revalidated::Unchanged => {
+                        if file.lock().confirm_clean(block, etag, &mut buf)? {
+                            self.stats.verified.inc();
+                            return served(buf);
+                        }
+                    }
+                    Revalidated::Changed(info) => {
+                        self.stats.mismatch.inc();
+                        let etag = info.etag.filter(|_| !info.zero);
+                        if let Err(e) = file.lock().replace_clean(block, etag, &buf) {
+                            tracing::warn!("block {block}: cannot keep it in the cache file: {e}");
+                        }
+                        return Ok((info, buf));
+                    }
+                }
+            }
         }
         // Not under the file lock: other reads and uploads go on meanwhile. The block is
         // `Reading`, so nothing else puts it in the file.
@@ -1202,8 +1230,8 @@ impl BlockStore for BlockCache {
             "block_cache_write_hit_ratio",
             format!("{:.8}", ratio(write_hits, write_misses)),
         );
-        report.add("block_cache_verified", 0);
-        report.add("block_cache_mismatch", 0);
+        report.add("block_cache_verified", stats.verified.get());
+        report.add("block_cache_mismatch", stats.mismatch.get());
         shared.lower.stats(report);
     }
 
@@ -1213,6 +1241,8 @@ impl BlockStore for BlockCache {
         stats.read_misses.reset();
         stats.write_hits.reset();
         stats.write_misses.reset();
+        stats.verified.reset();
+        stats.mismatch.reset();
         self.shared.lower.reset_stats();
     }
 
