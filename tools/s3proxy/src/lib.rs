@@ -202,7 +202,8 @@ impl ProxyConfig {
 pub struct Stats {
     pub connections: u64,
     pub requests: u64,
-    /// Requests by method (GET, PUT, DELETE, HEAD, POST...), faulted ones included.
+    /// Requests by method (GET, PUT, DELETE, HEAD, POST...), faulted ones included; a GET of
+    /// the bucket itself (a listing) counts as LIST, not GET.
     pub by_method: HashMap<String, u64>,
     /// Injected faults by kind (`status`, `slowdown`, `reset`, `stall`, `truncate`, `corrupt`,
     /// `drop_response`, `stale`).
@@ -210,6 +211,17 @@ pub struct Stats {
     pub upstream_errors: u64,
     /// Most requests seen inside the proxy at the same moment.
     pub peak_in_flight: u64,
+}
+
+/// The `by_method` key of a request: its method, or LIST for a GET of the bucket (no key in
+/// the path: `/bucket` path-style, `/` virtual-hosted).
+fn stats_kind(method: &str, path: &str) -> String {
+    let bucket_level = !path.trim_matches('/').contains('/');
+    if method == "GET" && bucket_level {
+        "LIST".to_string()
+    } else {
+        method.to_string()
+    }
 }
 
 impl Stats {
@@ -820,7 +832,9 @@ fn serve_connection(shared: &Shared, id: u64, client: TcpStream) -> io::Result<(
         {
             let mut st = shared.stats.lock();
             st.requests += 1;
-            *st.by_method.entry(head.method.clone()).or_default() += 1;
+            *st.by_method
+                .entry(stats_kind(&head.method, &path))
+                .or_default() += 1;
         }
         let delay = shared.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
@@ -998,5 +1012,15 @@ mod tests {
         let mut r = &b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nrest"[..];
         assert_eq!(read_chunked(&mut r).unwrap(), b"Wikipedia");
         assert_eq!(r, b"rest");
+    }
+
+    #[test]
+    fn a_get_of_the_bucket_counts_as_a_listing() {
+        assert_eq!(stats_kind("GET", "/bucket"), "LIST");
+        assert_eq!(stats_kind("GET", "/bucket/"), "LIST");
+        assert_eq!(stats_kind("GET", "/"), "LIST");
+        assert_eq!(stats_kind("GET", "/bucket/00000001"), "GET");
+        assert_eq!(stats_kind("GET", "/bucket/prefix/00000001"), "GET");
+        assert_eq!(stats_kind("PUT", "/bucket"), "PUT");
     }
 }
