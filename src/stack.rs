@@ -17,7 +17,7 @@ use crate::layer::block_cache::cache_file;
 use crate::layer::block_cache::{BlockCache, BlockCacheOptions, CacheFileOptions};
 use crate::layer::codec::{Codec, CodecConfig, Encryption};
 use crate::layer::ec_protect::{EcProtect, EcProtectOptions};
-use crate::layer::zero_cache::ZeroCache;
+use crate::layer::zero_cache::{KnownZero, ZeroCache, ZeroReads};
 use crate::metrics::MetricsServer;
 use crate::naming::Naming;
 use crate::stats::StatsMirror;
@@ -380,7 +380,10 @@ impl Stack {
                 ec_protect_options(config, self.geometry)?,
             ));
         }
+        let known_zero = KnownZero::new(self.geometry);
         if config.block_cache_size > 0 {
+            // Spec 6.1's lower zero cache: the block cache's read-ahead skips known zeros too.
+            store = Arc::new(ZeroReads::new(store, known_zero.clone()));
             let file = config
                 .block_cache_file
                 .clone()
@@ -403,13 +406,14 @@ impl Stack {
                     num_protected: config.block_cache_num_protected,
                     read_ahead: config.read_ahead,
                     read_ahead_trigger: config.read_ahead_trigger,
+                    read_ahead_max: config.read_ahead_max,
                     file,
                     ..BlockCacheOptions::default()
                 },
             )
             .map_err(|e| e.to_string())?;
         }
-        let zero_cache = Arc::new(ZeroCache::new(store));
+        let zero_cache = Arc::new(ZeroCache::sharing(store, known_zero));
         if config.list_blocks {
             zero_cache.start_survey(config.list_blocks_threads as usize);
         }

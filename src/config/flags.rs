@@ -256,6 +256,11 @@ pub(crate) struct Flags {
     /// Number of blocks to read ahead (default 0 in NBD mode)
     #[arg(long = "readAhead", value_name = "N", default_value_t = 4, help_heading = CACHE)]
     pub read_ahead: u32,
+    /// Largest read-ahead window in blocks (ours): while reads stay sequential the window grows
+    /// from --readAhead to this, so one stream keeps this many GETs in flight; set it to
+    /// --readAhead for C's fixed window
+    #[arg(long = "readAheadMax", value_name = "N", default_value_t = 32, help_heading = CACHE)]
+    pub read_ahead_max: u32,
     /// Number of sequential block reads that trigger read-ahead (default 0 in NBD mode)
     #[arg(long = "readAheadTrigger", value_name = "N", default_value_t = 2, help_heading = CACHE)]
     pub read_ahead_trigger: u32,

@@ -234,6 +234,8 @@ pub struct Config {
     pub read_ahead: u32,
     /// `--readAheadTrigger`.
     pub read_ahead_trigger: u32,
+    /// `--readAheadMax` (ours): the read-ahead window grows up to this.
+    pub read_ahead_max: u32,
 
     // ---- Eventual consistency protection ----
     /// `--md5CacheSize`; 0 = disabled (always with `--readOnly`).
@@ -293,6 +295,7 @@ const SHARED_DISK_CONFLICTS: &[&str] = &[
     "blockCacheRecoverDirtyBlocks",
     "readAhead",
     "readAheadTrigger",
+    "readAheadMax",
     "blockCacheNumProtected",
     "blockCacheFile",
     "blockCacheNoVerify",
@@ -693,6 +696,7 @@ fn build_config(
         // Spec 8.4: NBD clients do their own read-ahead.
         read_ahead: nbd_default(mode, given, "readAhead", flags.read_ahead),
         read_ahead_trigger: nbd_default(mode, given, "readAheadTrigger", flags.read_ahead_trigger),
+        read_ahead_max: flags.read_ahead_max,
         // Spec 6.5: nothing is written, so there is nothing to protect.
         md5_cache_size: if flags.read_only {
             0

@@ -78,6 +78,7 @@ fn defaults_match_the_spec() {
     assert_eq!(c.block_cache_write_delay, Duration::from_millis(250));
     assert_eq!(c.read_ahead, 4);
     assert_eq!(c.read_ahead_trigger, 2);
+    assert_eq!(c.read_ahead_max, 32);
     assert_eq!(c.md5_cache_size, 0);
     assert_eq!(c.list_blocks_threads, 16);
     assert_eq!(c.stats_file_mirror_interval, Duration::from_millis(1000));
@@ -1052,10 +1053,12 @@ fn block_cache_and_read_ahead_flags_are_taken() {
     let c = mount(&[
         "--blockCacheSize=500",
         "--readAhead=8",
+        "--readAheadMax=64",
         "--blockCacheWriteDelay=0",
     ]);
     assert_eq!(c.block_cache_size, 500);
     assert_eq!(c.read_ahead, 8);
+    assert_eq!(c.read_ahead_max, 64);
     assert_eq!(c.block_cache_write_delay, std::time::Duration::ZERO);
 }
 

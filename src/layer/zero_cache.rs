@@ -1,6 +1,7 @@
 //! Zero cache (spec 6.4): remembers which blocks are known to be all zeros, so their reads cost
 //! no request and zero writes to them are dropped. `--listBlocks` fills it by listing the bucket
-//! in the background at start-up.
+//! in the background at start-up. [`ZeroReads`] shares that knowledge below the block cache
+//! (spec 6.1's lower zero cache), so read-ahead costs no GET for known-zero blocks either.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,7 +13,7 @@ use tracing::{info, warn};
 use crate::error::Result;
 use crate::geometry::{BlockId, Geometry};
 use crate::stats::{Counter, StatsReport};
-use crate::store::{Block, BlockStore, ReadInfo, WriteInfo};
+use crate::store::{Block, BlockStore, Etag, ReadInfo, Revalidated, WriteInfo};
 
 /// A fixed-size bitmap of atomics, one bit per block. It is zeroed lazily by the allocator, so a
 /// 2^32-block disk costs address space, not resident memory, until bits are set.
@@ -64,11 +65,29 @@ struct Survey {
     touched: Bitmap,
 }
 
+/// Which blocks are known to read as zeros: one bit each, and how many are set.
+pub struct KnownZero {
+    bits: Bitmap,
+    count: AtomicU64,
+}
+
+impl KnownZero {
+    pub fn new(geometry: Geometry) -> Arc<KnownZero> {
+        Arc::new(KnownZero {
+            bits: Bitmap::new(geometry.num_blocks()),
+            count: AtomicU64::new(0),
+        })
+    }
+
+    fn get(&self, block: BlockId) -> bool {
+        self.bits.get(block)
+    }
+}
+
 pub struct ZeroCache {
     inner: Arc<dyn BlockStore>,
     geometry: Geometry,
-    known_zero: Bitmap,
-    known_zero_count: AtomicU64,
+    known: Arc<KnownZero>,
     survey: Mutex<Option<Arc<Survey>>>,
     surveying: AtomicBool,
     read_hits: Counter,
@@ -78,12 +97,17 @@ pub struct ZeroCache {
 impl ZeroCache {
     /// Starts with nothing known.
     pub fn new(inner: Arc<dyn BlockStore>) -> Self {
+        let known = KnownZero::new(inner.geometry());
+        Self::sharing(inner, known)
+    }
+
+    /// Keeps its knowledge in `known`, which a [`ZeroReads`] lower in the stack reads too.
+    pub fn sharing(inner: Arc<dyn BlockStore>, known: Arc<KnownZero>) -> Self {
         let geometry = inner.geometry();
         ZeroCache {
             inner,
             geometry,
-            known_zero: Bitmap::new(geometry.num_blocks()),
-            known_zero_count: AtomicU64::new(0),
+            known,
             survey: Mutex::new(None),
             surveying: AtomicBool::new(false),
             read_hits: Counter::default(),
@@ -150,14 +174,14 @@ impl ZeroCache {
     }
 
     fn mark_zero(&self, block: BlockId) {
-        if self.known_zero.set(block) {
-            self.known_zero_count.fetch_add(1, Ordering::Relaxed);
+        if self.known.bits.set(block) {
+            self.known.count.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     fn mark_unknown(&self, block: BlockId) {
-        if self.known_zero.clear(block) {
-            self.known_zero_count.fetch_sub(1, Ordering::Relaxed);
+        if self.known.bits.clear(block) {
+            self.known.count.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -176,7 +200,7 @@ impl BlockStore for ZeroCache {
     }
 
     fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
-        if self.known_zero.get(block) {
+        if self.known.get(block) {
             self.read_hits.inc();
             buf.fill(0);
             return Ok(ReadInfo {
@@ -191,7 +215,7 @@ impl BlockStore for ZeroCache {
     }
 
     fn read_partial(&self, block: BlockId, offset: u32, buf: &mut [u8]) -> Result<()> {
-        if self.known_zero.get(block) {
+        if self.known.get(block) {
             self.read_hits.inc();
             buf.fill(0);
             return Ok(());
@@ -200,7 +224,7 @@ impl BlockStore for ZeroCache {
     }
 
     fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo> {
-        if data.is_zero() && self.known_zero.get(block) {
+        if data.is_zero() && self.known.get(block) {
             self.write_hits.inc();
             return Ok(WriteInfo::default());
         }
@@ -214,7 +238,7 @@ impl BlockStore for ZeroCache {
 
     fn write_partial(&self, block: BlockId, offset: u32, data: &[u8]) -> Result<()> {
         self.touch(block);
-        if self.known_zero.get(block) {
+        if self.known.get(block) {
             // No need to read a block we know is zero.
             let mut whole = vec![0u8; self.geometry.block_size_usize()];
             let start = offset as usize;
@@ -230,7 +254,7 @@ impl BlockStore for ZeroCache {
             .iter()
             .copied()
             .filter(|&b| {
-                let known = self.known_zero.get(b);
+                let known = self.known.get(b);
                 if known {
                     self.write_hits.inc();
                 }
@@ -251,7 +275,7 @@ impl BlockStore for ZeroCache {
     }
 
     fn known_zero(&self, block: BlockId) -> bool {
-        self.known_zero.get(block) || self.inner.known_zero(block)
+        self.known.get(block) || self.inner.known_zero(block)
     }
 
     fn survey_non_zero(&self, threads: usize, found: &(dyn Fn(BlockId) + Sync)) -> Result<()> {
@@ -261,7 +285,7 @@ impl BlockStore for ZeroCache {
     fn stats(&self, report: &mut StatsReport) {
         report.add(
             "zero_block_cache_size",
-            format!("{} blocks", self.known_zero_count.load(Ordering::Relaxed)),
+            format!("{} blocks", self.known.count.load(Ordering::Relaxed)),
         );
         report.add("zero_block_cache_read_hits", self.read_hits.get());
         report.add("zero_block_cache_write_hits", self.write_hits.get());
@@ -271,6 +295,111 @@ impl BlockStore for ZeroCache {
     fn reset_stats(&self) {
         self.read_hits.reset();
         self.write_hits.reset();
+        self.inner.reset_stats();
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        self.inner.shutdown()
+    }
+}
+
+/// Below the block cache: reads of blocks that the zero cache above knows are zero return
+/// zeros without a request (read-ahead and misses alike). It learns nothing and drops no write:
+/// a zero write the block cache holds is known zero above before its DELETE is uploaded, and
+/// that DELETE must still reach the store.
+pub struct ZeroReads {
+    inner: Arc<dyn BlockStore>,
+    known: Arc<KnownZero>,
+}
+
+impl ZeroReads {
+    pub fn new(inner: Arc<dyn BlockStore>, known: Arc<KnownZero>) -> Self {
+        ZeroReads { inner, known }
+    }
+
+    fn zero() -> ReadInfo {
+        ReadInfo {
+            zero: true,
+            etag: None,
+        }
+    }
+}
+
+impl BlockStore for ZeroReads {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+
+    fn read_block(&self, block: BlockId, buf: &mut [u8]) -> Result<ReadInfo> {
+        if self.known.get(block) {
+            buf.fill(0);
+            return Ok(Self::zero());
+        }
+        self.inner.read_block(block, buf)
+    }
+
+    fn read_block_owned(&self, block: BlockId) -> Result<(ReadInfo, Vec<u8>)> {
+        if self.known.get(block) {
+            let zeros = vec![0u8; self.geometry().block_size_usize()];
+            return Ok((Self::zero(), zeros));
+        }
+        self.inner.read_block_owned(block)
+    }
+
+    fn read_block_if_changed(
+        &self,
+        block: BlockId,
+        buf: &mut [u8],
+        cached: Etag,
+    ) -> Result<Revalidated> {
+        if self.known.get(block) {
+            buf.fill(0);
+            return Ok(Revalidated::Changed(Self::zero()));
+        }
+        self.inner.read_block_if_changed(block, buf, cached)
+    }
+
+    fn read_block_expect(&self, block: BlockId, buf: &mut [u8], expect: Etag) -> Result<ReadInfo> {
+        self.inner.read_block_expect(block, buf, expect)
+    }
+
+    fn read_partial(&self, block: BlockId, offset: u32, buf: &mut [u8]) -> Result<()> {
+        if self.known.get(block) {
+            buf.fill(0);
+            return Ok(());
+        }
+        self.inner.read_partial(block, offset, buf)
+    }
+
+    fn write_block(&self, block: BlockId, data: Block<'_>) -> Result<WriteInfo> {
+        self.inner.write_block(block, data)
+    }
+
+    fn write_partial(&self, block: BlockId, offset: u32, data: &[u8]) -> Result<()> {
+        self.inner.write_partial(block, offset, data)
+    }
+
+    fn bulk_zero(&self, blocks: &[BlockId]) -> Result<()> {
+        self.inner.bulk_zero(blocks)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
+    fn known_zero(&self, block: BlockId) -> bool {
+        self.known.get(block) || self.inner.known_zero(block)
+    }
+
+    fn survey_non_zero(&self, threads: usize, found: &(dyn Fn(BlockId) + Sync)) -> Result<()> {
+        self.inner.survey_non_zero(threads, found)
+    }
+
+    fn stats(&self, report: &mut StatsReport) {
+        self.inner.stats(report);
+    }
+
+    fn reset_stats(&self) {
         self.inner.reset_stats();
     }
 
@@ -289,6 +418,63 @@ mod tests {
             Geometry::new(u64::from(blocks) * 512, 512).unwrap(),
         ));
         (mem.clone(), Arc::new(ZeroCache::new(mem)))
+    }
+
+    #[test]
+    fn zero_reads_below_answer_what_the_zero_cache_knows_and_pass_every_write() {
+        let mem = Arc::new(MemoryBackend::new(Geometry::new(8 * 512, 512).unwrap()));
+        mem.write_block(BlockId(5), Block::Data(&[7u8; 512]))
+            .unwrap();
+        let known = KnownZero::new(mem.geometry());
+        let lower = Arc::new(ZeroReads::new(mem.clone(), known.clone()));
+        let upper = ZeroCache::sharing(lower.clone(), known);
+        let mut buf = vec![1u8; 512];
+        assert!(upper.read_block(BlockId(3), &mut buf).unwrap().zero);
+        assert_eq!(mem.reads.get(), 1);
+        assert!(lower.read_block(BlockId(3), &mut buf).unwrap().zero);
+        assert!(lower.read_block_owned(BlockId(3)).unwrap().0.zero);
+        assert_eq!(mem.reads.get(), 1, "known zero above: no request below");
+        assert!(!lower.read_block(BlockId(5), &mut buf).unwrap().zero);
+        assert_eq!(mem.reads.get(), 2);
+        // Known zero above once written, yet the lower view still passes the delete on.
+        upper.write_block(BlockId(5), Block::Zero).unwrap();
+        assert!(upper.known_zero(BlockId(5)));
+        lower.write_block(BlockId(5), Block::Zero).unwrap();
+        assert_eq!(mem.deletes.get(), 2);
+    }
+
+    #[test]
+    fn read_ahead_under_the_zero_cache_costs_no_request_for_known_zero_blocks() {
+        use crate::layer::block_cache::{BlockCache, BlockCacheOptions};
+        let mem = Arc::new(MemoryBackend::new(Geometry::new(64 * 512, 512).unwrap()));
+        for b in 0..4 {
+            mem.write_block(BlockId(b), Block::Data(&[b as u8 + 1; 512]))
+                .unwrap();
+        }
+        let known = KnownZero::new(mem.geometry());
+        let opts = BlockCacheOptions {
+            size: 32,
+            read_ahead: 4,
+            read_ahead_max: 4,
+            ..BlockCacheOptions::default()
+        };
+        let cache = BlockCache::new(Arc::new(ZeroReads::new(mem.clone(), known.clone())), opts);
+        let zc = Arc::new(ZeroCache::sharing(cache, known));
+        zc.start_survey(1).join().unwrap();
+        let mut buf = vec![0u8; 512];
+        for b in 0..4 {
+            zc.read_block(BlockId(b), &mut buf).unwrap();
+        }
+        // Read-ahead after block 3 takes blocks 4..=7 into the cache: 8 entries in all.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while crate::stats::report_of(zc.as_ref()).get("block_cache_current_size")
+            != Some("8 blocks")
+        {
+            assert!(Instant::now() < deadline, "read-ahead did not finish");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(mem.reads.get(), 4, "only the stored blocks were read");
+        zc.shutdown().unwrap();
     }
 
     #[test]

@@ -533,27 +533,34 @@ mod tests {
         assert_eq!(store.stored(BlockId(5)), Some(block_of(3)));
     }
 
-    #[test]
-    fn clean_entries_are_served_without_lower_reads_when_trusted() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cache");
+    /// A store of blocks 0..4 (`0x40 + i`) and a cache file at `path` that a first mount
+    /// (`opts`) filled with them as clean entries.
+    fn store_with_filled_cache_file(opts: &CacheFileOptions) -> Arc<MemoryBackend> {
         let store = Arc::new(MemoryBackend::new(geometry(BS)));
         for i in 0..4u32 {
             store
                 .write_block(BlockId(i), Block::Data(&block_of(0x40 + i as u8)))
                 .unwrap();
         }
-        let trusted = CacheFileOptions {
-            no_verify: true,
-            ..file_opts(&path)
-        };
-        let first = open_cache(&store, trusted.clone()).unwrap();
+        let first = open_cache(&store, opts.clone()).unwrap();
         let mut buf = vec![0u8; BS];
         for i in 0..4u32 {
             first.read_block(BlockId(i), &mut buf).unwrap();
         }
         first.shutdown().unwrap();
-        drop(first);
+        store
+    }
+
+    #[test]
+    fn clean_entries_are_served_without_lower_reads_when_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let trusted = CacheFileOptions {
+            no_verify: true,
+            ..file_opts(&path)
+        };
+        let store = store_with_filled_cache_file(&trusted);
+        let mut buf = vec![0u8; BS];
         let reads = store.reads.get();
         let second = open_cache(&store, trusted).unwrap();
         for i in 0..4u32 {
@@ -569,19 +576,8 @@ mod tests {
     fn clean_entries_are_checked_by_etag_once_then_served_from_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache");
-        let store = Arc::new(MemoryBackend::new(geometry(BS)));
-        for i in 0..4u32 {
-            store
-                .write_block(BlockId(i), Block::Data(&block_of(0x40 + i as u8)))
-                .unwrap();
-        }
-        let first = open_cache(&store, file_opts(&path)).unwrap();
+        let store = store_with_filled_cache_file(&file_opts(&path));
         let mut buf = vec![0u8; BS];
-        for i in 0..4u32 {
-            first.read_block(BlockId(i), &mut buf).unwrap();
-        }
-        first.shutdown().unwrap();
-        drop(first);
         // Between mounts, another writer changes block 2 and deletes block 3.
         store
             .write_block(BlockId(2), Block::Data(&block_of(0x77)))

@@ -59,8 +59,10 @@ pub struct BlockCacheOptions {
     pub sync: bool,
     /// Blocks numbered below this are evicted only after all others.
     pub num_protected: u32,
-    /// Blocks prefetched after a sequential run; 0 disables read-ahead.
+    /// Blocks prefetched once a sequential run starts; 0 disables read-ahead.
     pub read_ahead: u32,
+    /// Largest read-ahead window: it grows from `read_ahead` with the length of the run.
+    pub read_ahead_max: u32,
     /// Sequential block reads in a row that start read-ahead.
     pub read_ahead_trigger: u32,
     /// Pause before a failed upload is tried again (no C flag: C retries at once).
@@ -82,6 +84,7 @@ impl Default for BlockCacheOptions {
             sync: false,
             num_protected: 0,
             read_ahead: 4,
+            read_ahead_max: 4,
             read_ahead_trigger: 2,
             retry_pause: Duration::from_secs(1),
             file: None,
@@ -639,7 +642,8 @@ impl Shared {
         // Most recently used first, so making room for the prefetch cannot evict it.
         self.touch(st, block);
         let last_block = self.geometry.num_blocks() - 1;
-        let end = block.0.saturating_add(self.opts.read_ahead).min(last_block);
+        let window = self.read_ahead_window(st.sequential_run);
+        let end = block.0.saturating_add(window).min(last_block);
         let mut scheduled = false;
         for n in block.0.saturating_add(1)..=end {
             let next = BlockId(n);
@@ -658,6 +662,20 @@ impl Shared {
         if scheduled {
             self.work.notify_all();
         }
+    }
+
+    /// Blocks to prefetch after `run` sequential reads: as many as the run is long (one GET in
+    /// flight per block a stream will likely read next), from `read_ahead` up to
+    /// `read_ahead_max`, and never more than a quarter of the cache, so prefetched blocks do
+    /// not evict each other before they are read.
+    fn read_ahead_window(&self, run: u32) -> u32 {
+        let quarter = u32::try_from(self.opts.size / 4).unwrap_or(u32::MAX);
+        let max = self
+            .opts
+            .read_ahead_max
+            .min(quarter)
+            .max(self.opts.read_ahead);
+        run.clamp(self.opts.read_ahead, max)
     }
 
     // ----- writing -----

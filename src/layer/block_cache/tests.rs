@@ -26,6 +26,7 @@ fn opts() -> BlockCacheOptions {
         sync: false,
         num_protected: 0,
         read_ahead: 0,
+        read_ahead_max: 0,
         read_ahead_trigger: 2,
         retry_pause: Duration::from_millis(20),
         file: None,
@@ -531,6 +532,76 @@ fn read_ahead_starts_after_the_trigger_and_stops_at_the_end_of_the_disk() {
         cache.shared.state.lock().prefetch.is_empty()
     });
     assert!(cache.shared.state.lock().entries.keys().all(|b| b.0 < 16));
+}
+
+/// A cache of `size` blocks whose read-ahead starts at 2 blocks and may grow to `max`.
+fn growing_read_ahead(size: usize, max: u32) -> BlockCacheOptions {
+    BlockCacheOptions {
+        size,
+        read_ahead: 2,
+        read_ahead_max: max,
+        read_ahead_trigger: 2,
+        ..opts()
+    }
+}
+
+#[test]
+fn read_ahead_window_grows_with_the_run_up_to_its_max_and_a_jump_shrinks_it() {
+    let probe = Probe::new(256);
+    let (cache, _gate) = cache_over(&probe, growing_read_ahead(64, 8));
+    let highest_cached = |cache: &BlockCache| {
+        eventually("prefetch settled", || {
+            let st = cache.shared.state.lock();
+            st.prefetch.is_empty()
+                && !st
+                    .entries
+                    .values()
+                    .any(|e| matches!(e, EntryState::Reading))
+        });
+        cache
+            .shared
+            .state
+            .lock()
+            .entries
+            .keys()
+            .map(|b| b.0)
+            .max()
+            .unwrap()
+    };
+    read(&cache, 0);
+    read(&cache, 1);
+    assert_eq!(
+        highest_cached(&cache),
+        3,
+        "run of 2: the initial window of 2"
+    );
+    for block in 2..6 {
+        read(&cache, block);
+    }
+    assert_eq!(highest_cached(&cache), 11, "run of 6: 6 ahead");
+    for block in 6..40 {
+        read(&cache, block);
+    }
+    assert_eq!(highest_cached(&cache), 47, "a long run: capped at 8");
+    // A jump starts a new run with the initial window again.
+    read(&cache, 100);
+    read(&cache, 101);
+    assert_eq!(highest_cached(&cache), 103);
+}
+
+#[test]
+fn read_ahead_window_is_at_most_a_quarter_of_the_cache() {
+    let probe = Probe::new(256);
+    let (cache, _gate) = cache_over(&probe, growing_read_ahead(16, 32));
+    for block in 0..20 {
+        read(&cache, block);
+    }
+    eventually("prefetch of 20..=23", || is_cached(&cache, 23));
+    std::thread::sleep(QUIET);
+    assert!(
+        !is_cached(&cache, 24),
+        "window above a quarter of 16 blocks"
+    );
 }
 
 #[test]
