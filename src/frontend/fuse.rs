@@ -89,7 +89,19 @@ pub fn serve(
     info!("mounted {}", opts.mount_point.display());
     on_ready();
 
-    let run_result = session.run();
+    let run_result = match session.run() {
+        // A connection the kernel tore down (a lazy unmount racing the last close, or an
+        // abort) ends some reads with ECONNABORTED instead of ENODEV: the session is over all
+        // the same, and the flush below still decides success.
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionAborted => {
+            info!(
+                "FUSE connection of {} ended by the kernel",
+                opts.mount_point.display()
+            );
+            Ok(())
+        }
+        other => other,
+    };
     signals.stop();
     info!("unmount {}: flushing", opts.mount_point.display());
     let flush_result = store.flush();
