@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 
+use super::SharedBytes;
 use super::cache_file::{CacheFile, DirEntry};
 use crate::error::Result;
 use crate::geometry::BlockId;
@@ -89,7 +90,7 @@ pub(super) struct Tier {
     /// What each dirty entry written by this process holds (`None` = zeros), so a flush skips
     /// blocks unchanged since the last one. Holding the buffer also keeps writers from
     /// changing it in place.
-    persisted: HashMap<BlockId, Option<Arc<[u8]>>>,
+    persisted: HashMap<BlockId, Option<SharedBytes>>,
 }
 
 impl FileTier {
@@ -267,7 +268,7 @@ impl Tier {
     pub(super) fn after_upload(
         &mut self,
         block: BlockId,
-        uploaded: Option<(&Arc<[u8]>, Etag)>,
+        uploaded: Option<(&SharedBytes, Etag)>,
     ) -> Result<()> {
         let Some(&slot) = self.slots.get(&block) else {
             return Ok(());
@@ -301,7 +302,7 @@ impl Tier {
     /// false, having written nothing, when there are not enough slots.
     pub(super) fn persist_dirty(
         &mut self,
-        mut blocks: Vec<(BlockId, Option<Arc<[u8]>>)>,
+        mut blocks: Vec<(BlockId, Option<SharedBytes>)>,
     ) -> Result<bool> {
         blocks.retain(|(block, data)| match (self.persisted.get(block), data) {
             (Some(None), None) => false,

@@ -93,17 +93,21 @@ impl Default for BlockCacheOptions {
 }
 
 /// Block contents held by the cache. Zero blocks hold no buffer.
+/// A block's bytes, shared between the cache, uploads and the cache file. A `Vec` inside, so a
+/// buffer read from below is kept as it is (`Arc<[u8]>` would copy it into a new allocation).
+type SharedBytes = Arc<Vec<u8>>;
+
 #[derive(Clone, Debug)]
 enum Data {
     Zero,
-    Bytes(Arc<[u8]>),
+    Bytes(SharedBytes),
 }
 
 impl Data {
     fn from_block(block: Block<'_>) -> Data {
         match block {
             Block::Zero => Data::Zero,
-            Block::Data(bytes) => Data::Bytes(Arc::from(bytes)),
+            Block::Data(bytes) => Data::Bytes(Arc::new(bytes.to_vec())),
         }
     }
 
@@ -112,7 +116,7 @@ impl Data {
         if is_zero(&buf) {
             Data::Zero
         } else {
-            Data::Bytes(Arc::from(buf))
+            Data::Bytes(Arc::new(buf))
         }
     }
 
@@ -860,7 +864,7 @@ impl Shared {
             let mut tier = file.lock();
             let mut st = self.state.lock();
             let target = self.close_epoch(&mut st);
-            let blocks: Vec<(BlockId, Option<Arc<[u8]>>)> = st
+            let blocks: Vec<(BlockId, Option<SharedBytes>)> = st
                 .entries
                 .iter()
                 .filter_map(|(&block, state)| match state {
