@@ -82,6 +82,22 @@ impl KnownZero {
     fn get(&self, block: BlockId) -> bool {
         self.bits.get(block)
     }
+
+    fn mark_zero(&self, block: BlockId) {
+        if self.bits.set(block) {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn mark_unknown(&self, block: BlockId) {
+        if self.bits.clear(block) {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
 }
 
 pub struct ZeroCache {
@@ -148,7 +164,7 @@ impl ZeroCache {
                     let _touches = self.survey.lock();
                     for block in (first..blocks.min(first.saturating_add(64))).map(BlockId) {
                         if !survey.listed.get(block) && !survey.touched.get(block) {
-                            self.mark_zero(block);
+                            self.known.mark_zero(block);
                         }
                     }
                 }
@@ -173,23 +189,11 @@ impl ZeroCache {
         }
     }
 
-    fn mark_zero(&self, block: BlockId) {
-        if self.known.bits.set(block) {
-            self.known.count.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn mark_unknown(&self, block: BlockId) {
-        if self.known.bits.clear(block) {
-            self.known.count.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
     fn record(&self, block: BlockId, zero: bool) {
         if zero {
-            self.mark_zero(block);
+            self.known.mark_zero(block);
         } else {
-            self.mark_unknown(block);
+            self.known.mark_unknown(block);
         }
     }
 }
@@ -230,7 +234,7 @@ impl BlockStore for ZeroCache {
         }
         self.touch(block);
         // Unknown while the write is under way, and after it if it fails.
-        self.mark_unknown(block);
+        self.known.mark_unknown(block);
         let info = self.inner.write_block(block, data)?;
         self.record(block, data.is_zero());
         Ok(info)
@@ -245,7 +249,7 @@ impl BlockStore for ZeroCache {
             whole[start..start + data.len()].copy_from_slice(data);
             return self.write_block(block, Block::from_buf(&whole)).map(|_| ());
         }
-        self.mark_unknown(block);
+        self.known.mark_unknown(block);
         self.inner.write_partial(block, offset, data)
     }
 
@@ -263,10 +267,10 @@ impl BlockStore for ZeroCache {
             .collect();
         for &b in &todo {
             self.touch(b);
-            self.mark_unknown(b);
+            self.known.mark_unknown(b);
         }
         self.inner.bulk_zero(&todo)?;
-        todo.iter().for_each(|&b| self.mark_zero(b));
+        todo.iter().for_each(|&b| self.known.mark_zero(b));
         Ok(())
     }
 
@@ -285,7 +289,7 @@ impl BlockStore for ZeroCache {
     fn stats(&self, report: &mut StatsReport) {
         report.add(
             "zero_block_cache_size",
-            format!("{} blocks", self.known.count.load(Ordering::Relaxed)),
+            format!("{} blocks", self.known.count()),
         );
         report.add("zero_block_cache_read_hits", self.read_hits.get());
         report.add("zero_block_cache_write_hits", self.write_hits.get());

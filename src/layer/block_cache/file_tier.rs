@@ -140,18 +140,16 @@ impl FileTier {
                  --blockCacheRecoverDirtyBlocks to upload them instead)",
                 discard.len()
             );
+            for &index in &discard {
+                tier.file.write_entry(index, None)?;
+            }
+            tier.file.sync()?;
         }
         if unverified > 0 {
             tracing::info!(
                 "cache file \"{path}\": {unverified} cached blocks, each checked against the \
                  bucket when first read"
             );
-        }
-        if !discard.is_empty() {
-            for &index in &discard {
-                tier.file.write_entry(index, None)?;
-            }
-            tier.file.sync()?;
         }
         if !recovered.is_empty() {
             tracing::warn!(

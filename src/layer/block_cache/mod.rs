@@ -92,11 +92,11 @@ impl Default for BlockCacheOptions {
     }
 }
 
-/// Block contents held by the cache. Zero blocks hold no buffer.
 /// A block's bytes, shared between the cache, uploads and the cache file. A `Vec` inside, so a
 /// buffer read from below is kept as it is (`Arc<[u8]>` would copy it into a new allocation).
 type SharedBytes = Arc<Vec<u8>>;
 
+/// Block contents held by the cache. Zero blocks hold no buffer.
 #[derive(Clone, Debug)]
 enum Data {
     Zero,
